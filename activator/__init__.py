@@ -1,0 +1,1 @@
+"""The activator: a queue-while-cold reverse proxy and its scaler (not built yet)."""

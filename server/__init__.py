@@ -1,0 +1,1 @@
+"""The predictor runtime: model repository, core inference path and protocol front doors."""

@@ -1,0 +1,1 @@
+"""Wire formats to and from the internal request type; pure functions, no I/O."""

@@ -1,0 +1,138 @@
+"""Open Inference Protocol (V2) JSON documents <-> InferRequest / InferResponse."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ember.server.codecs.json_tensors import array_from_json, array_to_json, parse_shape
+from ember.server.config import ModelConfig, TensorSpec
+from ember.server.errors import InvalidInput
+from ember.server.request import InferRequest, InferResponse, RequestedOutput, Tensor
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{where} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _parameters(doc: dict[str, Any], where: str) -> dict[str, Any]:
+    params = doc.get("parameters")
+    if params is None:
+        return {}
+    return _object(params, f"{where} 'parameters'")
+
+
+def _string(doc: dict[str, Any], key: str, where: str) -> str:
+    value = doc.get(key)
+    if not isinstance(value, str) or not value:
+        raise InvalidInput(f"{where}: '{key}' must be a non-empty string, got {value!r}")
+    return value
+
+
+def deadline_from(parameters: dict[str, Any]) -> float | None:
+    """tritonclient's `timeout` request parameter, in microseconds."""
+    timeout = parameters.get("timeout")
+    if timeout is None:
+        return None
+    if type(timeout) is not int or timeout < 0:
+        raise InvalidInput(f"parameter 'timeout' must be microseconds (an integer >= 0), got {timeout!r}")
+    return time.monotonic() + timeout / 1e6
+
+
+def decode_tensor(item: Any, index: int) -> Tensor:
+    where = f"inputs[{index}]"
+    doc = _object(item, where)
+    name = _string(doc, "name", where)
+    where = f"input '{name}'"
+    datatype = doc.get("datatype")
+    if datatype is None:
+        raise InvalidInput(f"{where}: 'datatype' is missing")
+    if "shape" not in doc:
+        raise InvalidInput(f"{where}: 'shape' is missing")
+    shape = parse_shape(doc["shape"], where)
+    params = _parameters(doc, where)
+    if "data" not in doc:
+        if "binary_data_size" in params:
+            raise InvalidInput(
+                f"{where}: binary data was announced but the request has no "
+                "Inference-Header-Content-Length header"
+            )
+        raise InvalidInput(f"{where}: 'data' is missing")
+    array = array_from_json(doc["data"], datatype, shape, where)
+    return Tensor(name=name, datatype=datatype, data=array, parameters=params)
+
+
+def decode_request(body: Any, model_name: str, model_version: str | None) -> InferRequest:
+    doc = _object(body, "request body")
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidInput("request body: 'inputs' must be a non-empty list of tensors")
+    request_id = doc.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput(f"request body: 'id' must be a string, got {request_id!r}")
+    params = _parameters(doc, "request body")
+    outputs = None
+    if doc.get("outputs") is not None:
+        raw_outputs = doc["outputs"]
+        if not isinstance(raw_outputs, list):
+            raise InvalidInput("request body: 'outputs' must be a list")
+        outputs = []
+        for i, item in enumerate(raw_outputs):
+            out = _object(item, f"outputs[{i}]")
+            name = _string(out, "name", f"outputs[{i}]")
+            outputs.append(RequestedOutput(name, _parameters(out, f"output '{name}'")))
+    return InferRequest(
+        model_name=model_name,
+        model_version=model_version,
+        id=request_id,
+        inputs=[decode_tensor(item, i) for i, item in enumerate(inputs)],
+        parameters=params,
+        outputs=outputs,
+        deadline=deadline_from(params),
+    )
+
+
+def encode_response(response: InferResponse) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+        "outputs": [
+            {
+                "name": t.name,
+                "datatype": t.datatype,
+                "shape": list(t.data.shape),
+                "data": array_to_json(t.data, t.datatype),
+            }
+            for t in response.outputs
+        ],
+    }
+    if response.id is not None:
+        doc["id"] = response.id
+    if response.parameters:
+        doc["parameters"] = response.parameters
+    return doc
+
+
+def _spec(spec: TensorSpec) -> dict[str, Any]:
+    return {"name": spec.name, "datatype": spec.datatype, "shape": spec.shape}
+
+
+def model_metadata(config: ModelConfig) -> dict[str, Any]:
+    return {
+        "name": config.name,
+        "versions": [config.version],
+        "platform": platform_of(config),
+        "inputs": [_spec(s) for s in config.inputs],
+        "outputs": [_spec(s) for s in config.outputs],
+    }
+
+
+def platform_of(config: ModelConfig) -> str:
+    return {
+        "torchscript": "pytorch_libtorch",
+        "torch_export": "pytorch_export",
+        "safetensors": "pytorch_safetensors",
+        "python": "python",
+    }[config.format]

@@ -1,0 +1,169 @@
+"""model.toml: the schema of one model's declaration, and reading it with one-line errors."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ember.server.errors import ConfigError
+
+Datatype = Literal[
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+    "FP16", "BF16", "FP32", "FP64", "BYTES",
+]  # fmt: skip
+
+Format = Literal["torchscript", "torch_export", "safetensors", "python"]
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+# Where the weights are looked for when `storage_uri` is not given.
+DEFAULT_WEIGHTS = {
+    "torchscript": "model.pt",
+    "torch_export": "model.pt2",
+    "safetensors": "model.safetensors",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    name: Annotated[str, Field(min_length=1)]
+    datatype: Datatype
+    # -1 marks a variable dimension.
+    shape: list[int]
+    optional: bool = False
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, shape: list[int]) -> list[int]:
+        for dim in shape:
+            if dim < -1 or dim == 0:
+                raise ValueError(f"each dimension must be -1 (variable) or positive, got {dim}")
+        return shape
+
+
+class ModelConfig(_Strict):
+    name: str
+    format: Format
+    version: str = "1"
+    storage_uri: str | None = None
+    architecture: str | None = None
+    architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
+    class_: str | None = Field(default=None, alias="class")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    inputs: Annotated[list[TensorSpec], Field(min_length=1)]
+    outputs: Annotated[list[TensorSpec], Field(min_length=1)]
+    device: str = "auto"
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
+    max_batch_size: Annotated[int, Field(ge=0)] = 0
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not _NAME.match(name):
+            raise ValueError("letters, digits, '_', '.' and '-' only, starting with a letter or digit")
+        return name
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if not _DEVICE.match(device):
+            raise ValueError("expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return device
+
+    @field_validator("architecture", "class_")
+    @classmethod
+    def _import_path(cls, value: str | None) -> str | None:
+        if value is not None and not _IMPORT_PATH.match(value):
+            raise ValueError("expected 'module:Class'")
+        return value
+
+    @model_validator(mode="after")
+    def _per_format(self) -> ModelConfig:
+        if self.format == "safetensors" and self.architecture is None:
+            raise ValueError("format 'safetensors' needs architecture = 'module:Class'")
+        if self.format == "python" and self.class_ is None:
+            raise ValueError("format 'python' needs class = 'module:Class'")
+        for kind, specs in (("inputs", self.inputs), ("outputs", self.outputs)):
+            names = [s.name for s in specs]
+            if len(set(names)) != len(names):
+                raise ValueError(f"{kind} names must be unique, got {names}")
+        if self.format != "python":
+            bytes_specs = [s.name for s in (*self.inputs, *self.outputs) if s.datatype == "BYTES"]
+            if bytes_specs:
+                raise ValueError(f"torch models cannot take or return BYTES ({bytes_specs})")
+        return self
+
+    def weights_path(self, model_dir: Path) -> Path | None:
+        """The local weights file; None for python models without storage."""
+        if self.storage_uri is None:
+            default = DEFAULT_WEIGHTS.get(self.format)
+            return None if default is None else model_dir / default
+        uri = self.storage_uri
+        if uri.startswith("file://"):
+            return Path(uri.removeprefix("file://"))
+        if "://" in uri:
+            raise ConfigError(
+                f"{model_dir / 'model.toml'}: storage_uri: scheme of '{uri}' is not supported "
+                "(a relative path or file:// only)"
+            )
+        return (model_dir / uri).resolve()
+
+
+def _describe(error: ValidationError, file: Path) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    where = where.replace("class_", "class")
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    extra = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{file}: {where}: {message}{extra}"
+
+
+def load_model_config(model_dir: Path, name: str | None = None) -> ModelConfig:
+    """Read `model_dir/model.toml`. `name` (a KServe --model_name) overrides the file's name."""
+    file = model_dir / "model.toml"
+    try:
+        raw = tomllib.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{file}: no such file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    raw.setdefault("name", model_dir.name)
+    if name is not None:
+        raw["name"] = name
+    try:
+        return ModelConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, file)) from None
+
+
+def discover(repository: Path, only: list[str] | None = None) -> list[tuple[ModelConfig, Path]]:
+    """Every model folder under `repository` (a folder holding model.toml), validated."""
+    if not repository.is_dir():
+        raise ConfigError(f"{repository}: model repository is not a folder")
+    found = []
+    for model_dir in sorted(p for p in repository.iterdir() if (p / "model.toml").is_file()):
+        config = load_model_config(model_dir)
+        found.append((config, model_dir))
+    names = [c.name for c, _ in found]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"{repository}: several folders declare the model name(s) {duplicates}")
+    if only:
+        missing = [n for n in only if n not in names]
+        if missing:
+            raise ConfigError(f"{repository}: no model named {missing} (found {names})")
+        found = [(c, d) for c, d in found if c.name in only]
+    if not found:
+        raise ConfigError(f"{repository}: no model folders (each needs a model.toml)")
+    return found

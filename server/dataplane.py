@@ -1,0 +1,124 @@
+"""The transport-neutral core: every protocol adapter calls these methods and nothing else."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from ember.server.config import ModelConfig
+from ember.server.datatypes import NUMPY_DTYPES
+from ember.server.errors import DeadlineExceeded, EmberError, ModelFailed
+from ember.server.metrics import PredictorMetrics
+from ember.server.repository import ModelHandle, ModelRepository
+from ember.server.request import InferRequest, InferResponse, Tensor
+from ember.server.validation import validate
+
+log = logging.getLogger("ember.server.dataplane")
+
+
+def _as_declared(array: np.ndarray, datatype: str) -> np.ndarray:
+    want = NUMPY_DTYPES[datatype]
+    if array.dtype == want:
+        return array
+    if datatype == "BYTES":
+        return np.array([x if isinstance(x, bytes) else str(x).encode() for x in array.reshape(-1)],
+                        dtype=object).reshape(array.shape)  # fmt: skip
+    return array.astype(want)
+
+
+class DataPlane:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        metrics: PredictorMetrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.repository = repository
+        self.metrics = metrics
+        self._clock = clock
+        self.draining = False
+        # Requests inside infer(); graceful shutdown waits for this to reach zero.
+        self.inflight = 0
+
+    # Health: live while the process runs; ready when every model is, and not draining.
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return not self.draining and self.repository.all_ready()
+
+    def model(self, name: str, version: str | None = None) -> ModelConfig:
+        return self.repository.get(name, version).config
+
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        return self.repository.get(name, version).is_ready()
+
+    def reject(self, model_name: str, protocol: str, error: EmberError) -> None:
+        """Count a request its adapter could not decode."""
+        label = model_name if self.repository.has(model_name) else "unknown"
+        self.metrics.requests.labels(label, protocol, error.code.value).inc()
+
+    async def infer(self, request: InferRequest, protocol: str) -> InferResponse:
+        """Run one request through its model. Raises EmberError subclasses only."""
+        # Unknown names share one label, so a scan of made-up names cannot grow the registry.
+        name = request.model_name if self.repository.has(request.model_name) else "unknown"
+        outcome = "success"
+        self.metrics.inflight.labels(name).inc()
+        self.inflight += 1
+        try:
+            return await self._infer(request)
+        except EmberError as exc:
+            outcome = exc.code.value
+            raise
+        except Exception as exc:
+            # A bug in model code: logged here once, shown to the client without a traceback.
+            outcome = ModelFailed.code.value
+            log.exception("inference failed", extra={"model": name})
+            raise ModelFailed(f"model '{name}' failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self.inflight -= 1
+            self.metrics.inflight.labels(name).dec()
+            self.metrics.requests.labels(name, protocol, outcome).inc()
+
+    async def _infer(self, request: InferRequest) -> InferResponse:
+        started = self._clock()
+        handle = self.repository.ready_handle(request.model_name, request.model_version)
+        config = handle.config
+        inputs = validate(request, config)
+        if request.deadline is not None and self._clock() >= request.deadline:
+            raise DeadlineExceeded(f"request to '{config.name}' expired before it was run")
+        predict_started = self._clock()
+        self.metrics.preprocess.labels(config.name).observe(predict_started - started)
+        outputs = await handle.predict(inputs)
+        post_started = self._clock()
+        self.metrics.predict.labels(config.name).observe(post_started - predict_started)
+        response = self._response(request, handle, outputs)
+        self.metrics.postprocess.labels(config.name).observe(self._clock() - post_started)
+        return response
+
+    def _response(
+        self, request: InferRequest, handle: ModelHandle, outputs: dict[str, np.ndarray]
+    ) -> InferResponse:
+        config = handle.config
+        declared = {s.name: s for s in config.outputs}
+        wanted = (
+            [o.name for o in request.outputs]
+            if request.outputs
+            else [name for name in declared if name in outputs]
+        )
+        tensors = []
+        for name in wanted:
+            array = outputs.get(name)
+            if array is None:
+                raise ModelFailed(f"model '{config.name}' did not produce output '{name}'")
+            datatype = declared[name].datatype
+            tensors.append(Tensor(name=name, datatype=datatype, data=_as_declared(array, datatype)))
+        return InferResponse(
+            model_name=config.name,
+            model_version=config.version,
+            id=request.id,
+            outputs=tensors,
+        )

@@ -1,0 +1,137 @@
+"""Turning a model.toml into a warmed-up runner, through safe loaders only.
+
+Weights are read with safetensors, `torch.load(weights_only=True)`, TorchScript or
+torch.export archives: nothing here unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+
+from ember.server.config import ModelConfig, TensorSpec
+from ember.server.datatypes import numpy_dtype
+from ember.server.errors import ConfigError
+from ember.server.runners import PythonRunner, Runner, TorchRunner
+
+
+class LoadError(Exception):
+    """Weights or code that could not be loaded; the message is one line naming the model."""
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LoadError(f"device '{spec}' requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise LoadError(
+                f"device '{spec}' requested but only {torch.cuda.device_count()} GPU(s) exist"
+            )
+    return device
+
+
+def import_object(path: str, model_dir: Path) -> Any:
+    """`module:Name`, where module is a file in the model folder or an importable module.
+
+    A module from the model folder gets a private name, so two models may both ship `model.py`.
+    """
+    module_name, _, attr = path.partition(":")
+    local = model_dir / (module_name.replace(".", "/") + ".py")
+    module: ModuleType
+    if local.is_file():
+        private = f"ember_model_{abs(hash(str(local)))}_{module_name.replace('.', '_')}"
+        spec = importlib.util.spec_from_file_location(private, local)
+        if spec is None or spec.loader is None:
+            raise LoadError(f"cannot import {local}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[private] = module
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise LoadError(f"{module_name} has no attribute '{attr}'") from None
+
+
+def _weights(config: ModelConfig, model_dir: Path) -> Path:
+    path = config.weights_path(model_dir)
+    if path is None or not path.is_file():
+        raise LoadError(f"weights file {path} does not exist")
+    return path
+
+
+def _load_state_dict(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device=str(device))
+    state = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(state, dict):
+        raise LoadError(f"{path} does not hold a state dict")
+    return state
+
+
+def build_runner(config: ModelConfig, model_dir: Path) -> tuple[Runner, torch.device]:
+    device = resolve_device(config.device)
+    dtype = getattr(torch, config.dtype)
+    if config.format == "python":
+        assert config.class_ is not None  # checked by the schema
+        cls = import_object(config.class_, model_dir)
+        instance = cls(model_dir=model_dir, device=device, **config.kwargs)
+        return PythonRunner(instance), device
+    path = _weights(config, model_dir)
+    module: Any
+    if config.format == "torchscript":
+        module = torch.jit.load(str(path), map_location=device)
+        module.eval()
+    elif config.format == "torch_export":
+        module = torch.export.load(str(path)).module().to(device)
+    else:
+        assert config.architecture is not None  # checked by the schema
+        cls = import_object(config.architecture, model_dir)
+        # Built on the meta device and given the loaded tensors: no second copy of the weights.
+        with torch.device("meta"):
+            module = cls(**config.architecture_kwargs)
+        state = _load_state_dict(path, device)
+        module.load_state_dict(state, strict=True, assign=True)
+        module.eval()
+    if config.dtype != "float32" and isinstance(module, torch.nn.Module):
+        module = module.to(dtype)
+    return TorchRunner(module, config, device), device
+
+
+def dummy_inputs(specs: list[TensorSpec], batch: int = 1) -> dict[str, np.ndarray]:
+    """Zeros of the declared datatypes, with every variable dimension set to `batch`/1."""
+    inputs = {}
+    for spec in specs:
+        shape = tuple(batch if i == 0 and d == -1 else max(d, 1) for i, d in enumerate(spec.shape))
+        if spec.datatype == "BYTES":
+            array = np.full(shape, b"", dtype=object)
+        else:
+            array = np.zeros(shape, dtype=numpy_dtype(spec.datatype))
+        inputs[spec.name] = array
+    return inputs
+
+
+def load(config: ModelConfig, model_dir: Path) -> tuple[Runner, torch.device]:
+    """Load and warm up: one forward on a dummy batch, so the first real request is fast."""
+    try:
+        runner, device = build_runner(config, model_dir)
+        runner.predict(dummy_inputs(config.inputs))
+    except (LoadError, ConfigError):
+        raise
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise LoadError(f"{type(exc).__name__}: {detail}") from exc
+    return runner, device

@@ -1,0 +1,169 @@
+"""`ember serve`: start the HTTP server, load models behind it, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import uvicorn
+
+from ember.server import logs
+from ember.server.config import ModelConfig, discover, load_model_config
+from ember.server.dataplane import DataPlane
+from ember.server.errors import ConfigError
+from ember.server.metrics import PredictorMetrics
+from ember.server.repository import ModelRepository
+from ember.server.rest.app import build_app
+from ember.server.settings import ServeSettings
+
+log = logging.getLogger("ember.server")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its own signal handling: `serve()` below owns SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def resolve_models(settings: ServeSettings) -> list[tuple[ModelConfig, Path]]:
+    """The models to serve, validated; raises ConfigError with one line."""
+    if settings.model_dir is not None:
+        uri = str(settings.model_dir)
+        if "://" in uri and not uri.startswith("file://"):
+            raise ConfigError(f"model location '{uri}': only local folders are supported so far")
+        model_dir = Path(uri.removeprefix("file://"))
+        return [(load_model_config(model_dir, settings.model_name), model_dir)]
+    return discover(settings.model_repository, list(settings.models) or None)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+async def serve(
+    settings: ServeSettings, models: list[tuple[ModelConfig, Path]], sock: socket.socket
+) -> int:
+    metrics = PredictorMetrics()
+    repository = ModelRepository(models, metrics)
+    dataplane = DataPlane(repository, metrics)
+    app = build_app(dataplane, max_body_bytes=settings.max_body_bytes)
+    config = uvicorn.Config(
+        app, log_config=None, access_log=False, lifespan="off",
+        timeout_graceful_shutdown=int(settings.drain_seconds) + 1,
+    )  # fmt: skip
+    server = _Server(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1:
+            server.force_exit = True  # a second signal: stop waiting
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    exit_code = 0
+    try:
+        # The port answers (live, not ready) while models load, so probes can tell the two apart.
+        for handle in repository.handles():
+            if stop.is_set():
+                break
+            try:
+                await repository.load(handle.name)
+            except Exception as exc:
+                log.error("model failed to load", extra={"model": handle.name, "error": str(exc)})
+                exit_code = 1
+                stop.set()
+        if exit_code == 0 and not stop.is_set():
+            log.info("ready", extra={"models": repository.names(), "port": sock.getsockname()[1]})
+        stop_wait = asyncio.create_task(stop.wait())
+        await asyncio.wait([serving, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+
+        # Graceful shutdown:
+        # 1. report not ready at once, so load balancers stop sending new requests;
+        dataplane.draining = True
+        log.info("draining", extra={"inflight": dataplane.inflight})
+        # 2. let in-flight inference finish, bounded by --drain-seconds;
+        deadline = loop.time() + settings.drain_seconds
+        while dataplane.inflight and loop.time() < deadline and not server.force_exit:
+            await asyncio.sleep(0.02)
+        # 3. stop the HTTP server (uvicorn closes idle keep-alive connections), then the models.
+        server.should_exit = True
+        await serving
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        repository.close()
+    log.info("stopped", extra={"exit_code": exit_code})
+    return exit_code
+
+
+def _run_one(settings: ServeSettings, models: list[tuple[ModelConfig, Path]], sock: socket.socket) -> int:
+    loop_factory = uvicorn.Config(app=None, log_config=None).get_loop_factory()  # type: ignore[arg-type]
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(serve(settings, models, sock))
+
+
+def _worker(settings: ServeSettings, models: list[tuple[ModelConfig, Path]], sock: socket.socket) -> None:
+    logs.configure(settings.log_level, settings.log_json)
+    sys.exit(_run_one(settings, models, sock))
+
+
+def _run_workers(settings: ServeSettings, models: list[tuple[ModelConfig, Path]], sock: socket.socket) -> int:
+    """Several processes accept on one inherited socket; SIGTERM is passed on to each."""
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_worker, args=(settings, models, sock)) for _ in range(settings.workers)]
+    for w in workers:
+        w.start()
+
+    def forward(sig: int, _: object) -> None:
+        for w in workers:
+            if w.pid is not None and w.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.pid, sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = []
+    for w in workers:
+        w.join()
+        codes.append(w.exitcode or 0)
+    return max(codes)
+
+
+def run(settings: ServeSettings) -> int:
+    logs.configure(settings.log_level, settings.log_json)
+    try:
+        models = resolve_models(settings)
+        sock = bind(settings.host, settings.http_port)
+    except ConfigError as exc:
+        log.error(str(exc))
+        return 2
+    except OSError as exc:
+        log.error(f"cannot listen on {settings.host}:{settings.http_port}: {exc.strerror}")
+        return 2
+    if settings.workers > 1:
+        return _run_workers(settings, models, sock)
+    return _run_one(settings, models, sock)

@@ -1,0 +1,77 @@
+"""`ember serve` settings: parsed once in main(), from flags with KServe's names and env."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class ServeSettings:
+    model_repository: Path = Path("models")
+    models: tuple[str, ...] = ()
+    # KServe's single-model form: a model folder (as the storage initializer leaves /mnt/models).
+    model_dir: Path | None = None
+    model_name: str | None = None
+    host: str = "0.0.0.0"
+    http_port: int = 8080
+    grpc_port: int = 8081
+    workers: int = 1
+    log_level: str = "info"
+    log_json: bool | None = None
+    max_body_bytes: int = 64 * 1024 * 1024
+    drain_seconds: float = 30.0
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--model-repository", "--model_repository", dest="model_repository", type=Path,
+        default=None, help="folder of model folders, each with a model.toml (default ./models)")
+    add("--model", dest="models", action="append", default=[], metavar="NAME",
+        help="serve only this model (repeatable)")
+    add("--model_dir", "--model-dir", dest="model_dir", default=None,
+        help="one model folder, as KServe's storage initializer leaves it (/mnt/models)")
+    add("--model_name", "--model-name", dest="model_name", default=None,
+        help="the name to serve the --model_dir model under")
+    add("--host", default="0.0.0.0")
+    add("--http_port", "--http-port", dest="http_port", type=int, default=None,
+        help="HTTP port (default 8080, or $PORT)")
+    add("--grpc_port", "--grpc-port", dest="grpc_port", type=int, default=8081)
+    add("--workers", type=int, default=1, help="server processes sharing the HTTP port")
+    add("--log-level", "--log_level", dest="log_level", default=None,
+        choices=["debug", "info", "warning", "error"], help="default info, or $KSERVE_LOGLEVEL")
+    add("--log-format", dest="log_format", choices=["auto", "json", "text"], default="auto")
+    add("--max-body-bytes", dest="max_body_bytes", type=int, default=64 * 1024 * 1024,
+        help="larger request bodies get 413 (default 64 MiB)")
+    add("--drain-seconds", dest="drain_seconds", type=float, default=30.0,
+        help="on SIGTERM, how long in-flight requests may take to finish")
+    # Accepted so KServe's standard container args do not fail; they change nothing here.
+    add("--enable_grpc", "--enable-grpc", dest="enable_grpc", default=None, help=argparse.SUPPRESS)
+    add("--enable_docs_url", dest="enable_docs_url", default=None, help=argparse.SUPPRESS)
+    add("--max_threads", dest="max_threads", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def settings_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> ServeSettings:
+    env = dict(os.environ) if env is None else env
+    model_dir: str | None = args.model_dir
+    if model_dir is None and args.model_repository is None:
+        # KServe passes the model's location in STORAGE_URI when no initializer copied it.
+        model_dir = env.get("STORAGE_URI") or None
+    port = args.http_port if args.http_port is not None else int(env.get("PORT", "8080"))
+    log_level = args.log_level or env.get("KSERVE_LOGLEVEL", "info").lower()
+    return ServeSettings(
+        model_repository=args.model_repository or Path("models"),
+        models=tuple(args.models),
+        model_dir=Path(model_dir) if model_dir else None,
+        model_name=args.model_name,
+        host=args.host,
+        http_port=port,
+        grpc_port=args.grpc_port,
+        workers=max(1, args.workers),
+        log_level=log_level,
+        log_json={"auto": None, "json": True, "text": False}[args.log_format],
+        max_body_bytes=args.max_body_bytes,
+        drain_seconds=args.drain_seconds,
+    )

@@ -1,0 +1,59 @@
+"""Checking a decoded request against the model's declared inputs and outputs.
+
+Runs at the door, before any model work: a request that passes is well-formed for its model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ember.server.config import ModelConfig
+from ember.server.errors import InvalidInput
+from ember.server.request import InferRequest
+
+
+def _fits(shape: tuple[int, ...], declared: list[int]) -> bool:
+    return len(shape) == len(declared) and all(d in (-1, s) for s, d in zip(shape, declared, strict=True))
+
+
+def validate(request: InferRequest, config: ModelConfig) -> dict[str, np.ndarray]:
+    """The request's inputs by name, or InvalidInput saying which tensor and what was expected."""
+    specs = {s.name: s for s in config.inputs}
+    inputs: dict[str, np.ndarray] = {}
+    for tensor in request.inputs:
+        spec = specs.get(tensor.name)
+        if spec is None:
+            raise InvalidInput(
+                f"unknown input '{tensor.name}' for model '{config.name}', "
+                f"expected one of {list(specs)}"
+            )
+        if tensor.name in inputs:
+            raise InvalidInput(f"input '{tensor.name}' is given more than once")
+        if tensor.datatype != spec.datatype:
+            raise InvalidInput(
+                f"input '{tensor.name}': datatype {tensor.datatype} does not match the model's "
+                f"{spec.datatype}"
+            )
+        if not _fits(tensor.shape, spec.shape):
+            raise InvalidInput(
+                f"input '{tensor.name}': shape {list(tensor.shape)} does not match the model's "
+                f"{spec.shape} (-1 = any size)"
+            )
+        if config.max_batch_size and tensor.shape and tensor.shape[0] > config.max_batch_size:
+            raise InvalidInput(
+                f"input '{tensor.name}': batch of {tensor.shape[0]} exceeds the model's "
+                f"max_batch_size {config.max_batch_size}"
+            )
+        inputs[tensor.name] = tensor.data
+    missing = [s.name for s in config.inputs if not s.optional and s.name not in inputs]
+    if missing:
+        raise InvalidInput(f"missing required input(s) {missing} for model '{config.name}'")
+    if request.outputs is not None:
+        declared = {s.name for s in config.outputs}
+        for out in request.outputs:
+            if out.name not in declared:
+                raise InvalidInput(
+                    f"unknown output '{out.name}' requested from model '{config.name}', "
+                    f"expected one of {sorted(declared)}"
+                )
+    return inputs

@@ -1,0 +1,1 @@
+"""Pre/post-processing steps and the transformer chain (not built yet)."""
