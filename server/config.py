@@ -69,7 +69,9 @@ class ModelConfig(_Strict):
     @classmethod
     def _name(cls, name: str) -> str:
         if not _NAME.match(name):
-            raise ValueError("letters, digits, '_', '.' and '-' only, starting with a letter or digit")
+            raise ValueError(
+                "letters, digits, '_', '.' and '-' only, starting with a letter or digit"
+            )
         return name
 
     @field_validator("device")
@@ -119,7 +121,8 @@ class ModelConfig(_Strict):
 
 
 def _describe(error: ValidationError, file: Path) -> str:
-    first = error.errors()[0]
+    # A typo shows up as an unknown key plus a missing one: the unknown key is the useful half.
+    first = min(error.errors(), key=lambda e: e["type"] != "extra_forbidden")
     where = ".".join(str(p) for p in first["loc"]) or "(top level)"
     where = where.replace("class_", "class")
     message = first["msg"].removeprefix("Value error, ")

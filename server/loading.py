@@ -93,7 +93,7 @@ def build_runner(config: ModelConfig, model_dir: Path) -> tuple[Runner, torch.de
     path = _weights(config, model_dir)
     module: Any
     if config.format == "torchscript":
-        module = torch.jit.load(str(path), map_location=device)
+        module = torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
         module.eval()
     elif config.format == "torch_export":
         module = torch.export.load(str(path)).module().to(device)

@@ -66,10 +66,10 @@ class ModelHandle:
 
 
 class ModelRepository:
-    def __init__(
-        self, models: list[tuple[ModelConfig, Path]], metrics: PredictorMetrics
-    ) -> None:
-        self._handles = {config.name: ModelHandle(config, model_dir) for config, model_dir in models}
+    def __init__(self, models: list[tuple[ModelConfig, Path]], metrics: PredictorMetrics) -> None:
+        self._handles = {
+            config.name: ModelHandle(config, model_dir) for config, model_dir in models
+        }
         self._metrics = metrics
         self._locks = {name: asyncio.Lock() for name in self._handles}
 

@@ -120,21 +120,30 @@ async def serve(
     return exit_code
 
 
-def _run_one(settings: ServeSettings, models: list[tuple[ModelConfig, Path]], sock: socket.socket) -> int:
+def _run_one(
+    settings: ServeSettings, models: list[tuple[ModelConfig, Path]], sock: socket.socket
+) -> int:
     loop_factory = uvicorn.Config(app=None, log_config=None).get_loop_factory()  # type: ignore[arg-type]
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(serve(settings, models, sock))
 
 
-def _worker(settings: ServeSettings, models: list[tuple[ModelConfig, Path]], sock: socket.socket) -> None:
+def _worker(
+    settings: ServeSettings, models: list[tuple[ModelConfig, Path]], sock: socket.socket
+) -> None:
     logs.configure(settings.log_level, settings.log_json)
     sys.exit(_run_one(settings, models, sock))
 
 
-def _run_workers(settings: ServeSettings, models: list[tuple[ModelConfig, Path]], sock: socket.socket) -> int:
+def _run_workers(
+    settings: ServeSettings, models: list[tuple[ModelConfig, Path]], sock: socket.socket
+) -> int:
     """Several processes accept on one inherited socket; SIGTERM is passed on to each."""
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_worker, args=(settings, models, sock)) for _ in range(settings.workers)]
+    workers = [
+        context.Process(target=_worker, args=(settings, models, sock))
+        for _ in range(settings.workers)
+    ]
     for w in workers:
         w.start()
 

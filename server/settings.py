@@ -27,26 +27,70 @@ class ServeSettings:
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--model-repository", "--model_repository", dest="model_repository", type=Path,
-        default=None, help="folder of model folders, each with a model.toml (default ./models)")
-    add("--model", dest="models", action="append", default=[], metavar="NAME",
-        help="serve only this model (repeatable)")
-    add("--model_dir", "--model-dir", dest="model_dir", default=None,
-        help="one model folder, as KServe's storage initializer leaves it (/mnt/models)")
-    add("--model_name", "--model-name", dest="model_name", default=None,
-        help="the name to serve the --model_dir model under")
+    add(
+        "--model-repository",
+        "--model_repository",
+        dest="model_repository",
+        type=Path,
+        default=None,
+        help="folder of model folders, each with a model.toml (default ./models)",
+    )
+    add(
+        "--model",
+        dest="models",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="serve only this model (repeatable)",
+    )
+    add(
+        "--model_dir",
+        "--model-dir",
+        dest="model_dir",
+        default=None,
+        help="one model folder, as KServe's storage initializer leaves it (/mnt/models)",
+    )
+    add(
+        "--model_name",
+        "--model-name",
+        dest="model_name",
+        default=None,
+        help="the name to serve the --model_dir model under",
+    )
     add("--host", default="0.0.0.0")
-    add("--http_port", "--http-port", dest="http_port", type=int, default=None,
-        help="HTTP port (default 8080, or $PORT)")
+    add(
+        "--http_port",
+        "--http-port",
+        dest="http_port",
+        type=int,
+        default=None,
+        help="HTTP port (default 8080, or $PORT)",
+    )
     add("--grpc_port", "--grpc-port", dest="grpc_port", type=int, default=8081)
     add("--workers", type=int, default=1, help="server processes sharing the HTTP port")
-    add("--log-level", "--log_level", dest="log_level", default=None,
-        choices=["debug", "info", "warning", "error"], help="default info, or $KSERVE_LOGLEVEL")
+    add(
+        "--log-level",
+        "--log_level",
+        dest="log_level",
+        default=None,
+        choices=["debug", "info", "warning", "error"],
+        help="default info, or $KSERVE_LOGLEVEL",
+    )
     add("--log-format", dest="log_format", choices=["auto", "json", "text"], default="auto")
-    add("--max-body-bytes", dest="max_body_bytes", type=int, default=64 * 1024 * 1024,
-        help="larger request bodies get 413 (default 64 MiB)")
-    add("--drain-seconds", dest="drain_seconds", type=float, default=30.0,
-        help="on SIGTERM, how long in-flight requests may take to finish")
+    add(
+        "--max-body-bytes",
+        dest="max_body_bytes",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="larger request bodies get 413 (default 64 MiB)",
+    )
+    add(
+        "--drain-seconds",
+        dest="drain_seconds",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, how long in-flight requests may take to finish",
+    )
     # Accepted so KServe's standard container args do not fail; they change nothing here.
     add("--enable_grpc", "--enable-grpc", dest="enable_grpc", default=None, help=argparse.SUPPRESS)
     add("--enable_docs_url", dest="enable_docs_url", default=None, help=argparse.SUPPRESS)

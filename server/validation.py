@@ -13,7 +13,9 @@ from ember.server.request import InferRequest
 
 
 def _fits(shape: tuple[int, ...], declared: list[int]) -> bool:
-    return len(shape) == len(declared) and all(d in (-1, s) for s, d in zip(shape, declared, strict=True))
+    return len(shape) == len(declared) and all(
+        d in (-1, s) for s, d in zip(shape, declared, strict=True)
+    )
 
 
 def validate(request: InferRequest, config: ModelConfig) -> dict[str, np.ndarray]:

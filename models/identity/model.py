@@ -13,7 +13,4 @@ class Identity:
         self.model_dir = model_dir
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {
-            "OUTPUT_" + name.removeprefix("INPUT_"): array
-            for name, array in inputs.items()
-        }
+        return {"OUTPUT_" + name.removeprefix("INPUT_"): array for name, array in inputs.items()}

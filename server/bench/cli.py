@@ -1,4 +1,5 @@
 """PLACEHOLDER being replaced by the bench work."""
+
 import argparse
 
 

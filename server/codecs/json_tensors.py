@@ -23,10 +23,10 @@ def _accepts(datatype: str, kind: str) -> bool:
 
 
 def parse_shape(shape: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(shape, list) or not all(
-        type(d) is int and d >= 0 for d in shape
-    ):
-        raise InvalidInput(f"{where}: 'shape' must be a list of non-negative integers, got {shape!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise InvalidInput(
+            f"{where}: 'shape' must be a list of non-negative integers, got {shape!r}"
+        )
     return tuple(shape)
 
 
@@ -34,10 +34,14 @@ def _bytes_array(data: Any, where: str) -> np.ndarray:
     try:
         array = np.array(data, dtype=object)
     except ValueError:
-        raise InvalidInput(f"{where}: nested 'data' is ragged (rows of different lengths)") from None
+        raise InvalidInput(
+            f"{where}: nested 'data' is ragged (rows of different lengths)"
+        ) from None
     out = np.empty(array.shape, dtype=object)
     flat_in, flat_out = array.reshape(-1), out.reshape(-1)
     for i, item in enumerate(flat_in):
+        if isinstance(item, list):
+            raise InvalidInput(f"{where}: nested 'data' is ragged (rows of different lengths)")
         if type(item) is not str:
             raise InvalidInput(
                 f"{where}: BYTES data must be strings, element {i} is {type(item).__name__}"
@@ -76,7 +80,7 @@ def array_from_json(
             got = _KIND_WORDS.get(array.dtype.kind, str(array.dtype))
             raise InvalidInput(f"{where}: expected {datatype} values in 'data', got {got}")
         if array.dtype.kind in "iu" and dtype.kind in "iu" and array.size:
-            info = np.iinfo(dtype)
+            info = np.iinfo(dtype)  # type: ignore[type-var]
             if array.min() < info.min or array.max() > info.max:
                 raise InvalidInput(
                     f"{where}: values out of range for {datatype} [{info.min}, {info.max}]"

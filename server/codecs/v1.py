@@ -1,4 +1,4 @@
-"""KServe V1 documents (`instances` / `inputs` -> `predictions`) <-> InferRequest / InferResponse."""
+"""KServe V1 documents (`instances` or `inputs` -> `predictions`) and the internal types."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 
 from ember.server.codecs.json_tensors import array_from_json
-from ember.server.datatypes import NUMPY_DTYPES
 from ember.server.config import ModelConfig, TensorSpec
+from ember.server.datatypes import NUMPY_DTYPES
 from ember.server.errors import InvalidInput
 from ember.server.request import InferRequest, InferResponse, Tensor
 
@@ -43,7 +43,9 @@ def _columns(rows: list[Any], config: ModelConfig) -> list[Tensor]:
         keys = list(rows[0])
         for i, row in enumerate(rows):
             if list(row) != keys:
-                raise InvalidInput(f"instances[{i}]: keys {list(row)} differ from instances[0]'s {keys}")
+                raise InvalidInput(
+                    f"instances[{i}]: keys {list(row)} differ from instances[0]'s {keys}"
+                )
         tensors = []
         for key in keys:
             spec = specs.get(key)
@@ -88,7 +90,10 @@ def decode_request(body: Any, config: ModelConfig) -> InferRequest:
 
 def _plain(tensor: Tensor) -> Any:
     if tensor.datatype == "BYTES":
-        flat = [x.decode("utf-8", "replace") if isinstance(x, bytes) else x for x in tensor.data.reshape(-1)]
+        flat = [
+            x.decode("utf-8", "replace") if isinstance(x, bytes) else x
+            for x in tensor.data.reshape(-1)
+        ]
         return np.array(flat, dtype=object).reshape(tensor.data.shape).tolist()
     if tensor.datatype == "BF16":
         return np.ascontiguousarray(tensor.data.astype(np.float32))

@@ -37,7 +37,9 @@ def deadline_from(parameters: dict[str, Any]) -> float | None:
     if timeout is None:
         return None
     if type(timeout) is not int or timeout < 0:
-        raise InvalidInput(f"parameter 'timeout' must be microseconds (an integer >= 0), got {timeout!r}")
+        raise InvalidInput(
+            f"parameter 'timeout' must be microseconds (an integer >= 0), got {timeout!r}"
+        )
     return time.monotonic() + timeout / 1e6
 
 

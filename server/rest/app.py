@@ -130,7 +130,9 @@ def build_app(dataplane: DataPlane, *, max_body_bytes: int = 64 * 1024 * 1024) -
     async def model_metadata(model_name: str, version: str | None = None) -> Response:
         return _json(v2.model_metadata(dataplane.model(model_name, version)))
 
-    async def model_infer(request: Request, model_name: str, version: str | None = None) -> Response:
+    async def model_infer(
+        request: Request, model_name: str, version: str | None = None
+    ) -> Response:
         async def decode() -> Any:
             body = await read_body(request, max_body_bytes)
             return v2.decode_request(parse_json(body), model_name, version)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final
 
 import orjson
@@ -24,7 +25,7 @@ HTTP_STATUS: Final[dict[ErrorCode, int]] = {
 RETRY_AFTER: Final[dict[ErrorCode, str]] = {ErrorCode.OVERLOADED: "1", ErrorCode.NOT_READY: "1"}
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
     return Response(
         orjson.dumps({"error": message}),
         status_code=status,
