@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -93,7 +94,11 @@ def build_runner(config: ModelConfig, model_dir: Path) -> tuple[Runner, torch.de
     path = _weights(config, model_dir)
     module: Any
     if config.format == "torchscript":
-        module = torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
+        with warnings.catch_warnings():
+            # torch 2.9+ deprecates TorchScript in favour of torch.export; it still loads, and
+            # users still ship it, so the warning is noise in every server log.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            module = torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
         module.eval()
     elif config.format == "torch_export":
         module = torch.export.load(str(path)).module().to(device)

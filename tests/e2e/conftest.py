@@ -222,10 +222,12 @@ def launch(
     return server
 
 
-def start_ready(*args: str | Path, env: dict[str, str] | None = None) -> EmberProcess:
+def start_ready(
+    *args: str | Path, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> EmberProcess:
     """Launch and wait until ready, retrying with another port if this one was taken."""
     for _ in range(3):
-        server = launch(*args, env=env)
+        server = launch(*args, env=env, cwd=cwd)
         try:
             server.wait_ready()
             return server
@@ -276,8 +278,8 @@ def ember() -> Iterator[EmberFactory]:
         port: int | None = None,
         cwd: Path | None = None,
     ) -> EmberProcess:
-        if wait == "ready" and port_flag and port is None and cwd is None:
-            server = start_ready(*args, env=env)
+        if wait == "ready" and port_flag and port is None:
+            server = start_ready(*args, env=env, cwd=cwd)
         else:
             server = launch(*args, env=env, port=port, port_flag=port_flag, cwd=cwd)
             if wait == "ready":

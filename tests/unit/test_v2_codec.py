@@ -56,24 +56,37 @@ def test_decode_request_fields() -> None:
         ({"inputs": []}, "'inputs' must be a non-empty list"),
         ({"inputs": [1]}, "inputs[0] must be a JSON object"),
         ({"inputs": [{"datatype": "FP32"}]}, "inputs[0]: 'name' must be a non-empty string"),
-        ({"inputs": [{"name": "a", "shape": [1], "data": [1]}]}, "input 'a': 'datatype' is missing"),
+        (
+            {"inputs": [{"name": "a", "shape": [1], "data": [1]}]},
+            "input 'a': 'datatype' is missing",
+        ),
         ({"inputs": [{"name": "a", "datatype": "FP32", "data": [1]}]}, "'shape' is missing"),
         ({"inputs": [{"name": "a", "datatype": "FP32", "shape": [1]}]}, "'data' is missing"),
         (
-            {"inputs": [{"name": "a", "datatype": "FP32", "shape": [1],
-                         "parameters": {"binary_data_size": 4}}]},
+            {
+                "inputs": [
+                    {
+                        "name": "a",
+                        "datatype": "FP32",
+                        "shape": [1],
+                        "parameters": {"binary_data_size": 4},
+                    }
+                ]
+            },
             "Inference-Header-Content-Length",
         ),
         ({"id": 5, "inputs": [{}]}, "'id' must be a string"),
         ({"inputs": [{"name": "a"}], "outputs": {}}, "'outputs' must be a list"),
         ({"inputs": [{"name": "a"}], "parameters": []}, "'parameters' must be a JSON object"),
         (
-            {"inputs": [{"name": "a", "datatype": "FP32", "shape": [1], "data": [1]}],
-             "parameters": {"timeout": "soon"}},
+            {
+                "inputs": [{"name": "a", "datatype": "FP32", "shape": [1], "data": [1]}],
+                "parameters": {"timeout": "soon"},
+            },
             "'timeout' must be microseconds",
         ),
     ],
-)  # fmt: skip
+)
 def test_decode_request_errors(body: object, fragment: str) -> None:
     with pytest.raises(InvalidInput) as info:
         v2.decode_request(body, "m", None)
@@ -84,15 +97,23 @@ def test_decode_request_errors(body: object, fragment: str) -> None:
     ("inputs", "outputs", "fragment"),
     [
         ([tensor("c")], None, "unknown input 'c' for model 'm', expected one of ['a', 'b']"),
-        ([Tensor("b", "INT64", np.zeros(1, dtype=np.int64))], None, "missing required input(s) ['a']"),
+        (
+            [Tensor("b", "INT64", np.zeros(1, dtype=np.int64))],
+            None,
+            "missing required input(s) ['a']",
+        ),
         ([tensor(), tensor()], None, "given more than once"),
-        ([Tensor("a", "FP64", np.zeros((1, 3)))], None, "datatype FP64 does not match the model's FP32"),
+        (
+            [Tensor("a", "FP64", np.zeros((1, 3)))],
+            None,
+            "datatype FP64 does not match the model's FP32",
+        ),
         ([tensor(shape=(1, 4))], None, "shape [1, 4] does not match the model's [-1, 3]"),
         ([tensor(shape=(3,))], None, "shape [3] does not match"),
         ([tensor(shape=(5, 3))], None, "batch of 5 exceeds the model's max_batch_size 4"),
         ([tensor()], [RequestedOutput("z")], "unknown output 'z'"),
     ],
-)  # fmt: skip
+)
 def test_validation_names_tensor_and_expectation(
     inputs: list[Tensor], outputs: list[RequestedOutput] | None, fragment: str
 ) -> None:
