@@ -137,6 +137,9 @@ def load(config: ModelConfig, model_dir: Path) -> tuple[Runner, torch.device]:
     except (LoadError, ConfigError):
         raise
     except Exception as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        # One log line: torch's multi-line messages are folded, and very long ones cut.
+        detail = " ".join(str(exc).split())
+        if len(detail) > 400:
+            detail = detail[:400] + " ..."
         raise LoadError(f"{type(exc).__name__}: {detail}") from exc
     return runner, device
