@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
+from ember.server.codecs import triton_config
 from ember.server.config import ModelConfig
 from ember.server.datatypes import NUMPY_DTYPES
 from ember.server.errors import DeadlineExceeded, EmberError, ModelFailed
@@ -27,6 +29,14 @@ def _as_declared(array: np.ndarray, datatype: str) -> np.ndarray:
         return np.array([x if isinstance(x, bytes) else str(x).encode() for x in array.reshape(-1)],
                         dtype=object).reshape(array.shape)  # fmt: skip
     return array.astype(want)
+
+
+def _batch_size(inputs: dict[str, np.ndarray], max_batch_size: int) -> int:
+    """Rows in this request when the model batches (first dimension), else 1, as Triton counts."""
+    if max_batch_size == 0:
+        return 1
+    first = next(iter(inputs.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
 
 
 class DataPlane:
@@ -53,6 +63,19 @@ class DataPlane:
     def model(self, name: str, version: str | None = None) -> ModelConfig:
         return self.repository.get(name, version).config
 
+    def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
+        handle = self.repository.get(name, version)
+        kind = handle.device.type if handle.device is not None else "cpu"
+        return triton_config.model_config(handle.config, kind)
+
+    def statistics(
+        self, name: str | None = None, version: str | None = None
+    ) -> list[dict[str, Any]]:
+        handles = (
+            self.repository.handles() if name is None else [self.repository.get(name, version)]
+        )
+        return [h.stats.doc(h.name, h.config.version) for h in handles]
+
     def model_ready(self, name: str, version: str | None = None) -> bool:
         return self.repository.get(name, version).is_ready()
 
@@ -66,10 +89,11 @@ class DataPlane:
         # Unknown names share one label, so a scan of made-up names cannot grow the registry.
         name = request.model_name if self.repository.has(request.model_name) else "unknown"
         outcome = "success"
+        started = self._clock()
         self.metrics.inflight.labels(name).inc()
         self.inflight += 1
         try:
-            return await self._infer(request)
+            return await self._infer(request, started)
         except EmberError as exc:
             outcome = exc.code.value
             raise
@@ -82,21 +106,32 @@ class DataPlane:
             self.inflight -= 1
             self.metrics.inflight.labels(name).dec()
             self.metrics.requests.labels(name, protocol, outcome).inc()
+            if outcome != "success" and self.repository.has(request.model_name):
+                stats = self.repository.get(request.model_name).stats
+                stats.record_failure(self._clock() - started)
 
-    async def _infer(self, request: InferRequest) -> InferResponse:
-        started = self._clock()
+    async def _infer(self, request: InferRequest, started: float) -> InferResponse:
         handle = self.repository.ready_handle(request.model_name, request.model_version)
         config = handle.config
         inputs = validate(request, config)
         if request.deadline is not None and self._clock() >= request.deadline:
             raise DeadlineExceeded(f"request to '{config.name}' expired before it was run")
-        predict_started = self._clock()
-        self.metrics.preprocess.labels(config.name).observe(predict_started - started)
-        outputs = await handle.predict(inputs)
-        post_started = self._clock()
-        self.metrics.predict.labels(config.name).observe(post_started - predict_started)
-        response = self._response(request, handle, outputs)
-        self.metrics.postprocess.labels(config.name).observe(self._clock() - post_started)
+        submitted = self._clock()
+        self.metrics.preprocess.labels(config.name).observe(submitted - started)
+        execution = await handle.predict(inputs, request.deadline)
+        returned = self._clock()
+        self.metrics.predict.labels(config.name).observe(returned - submitted)
+        response = self._response(request, handle, execution.outputs)
+        done = self._clock()
+        self.metrics.postprocess.labels(config.name).observe(done - returned)
+        handle.stats.record_success(
+            batch_size=_batch_size(inputs, config.max_batch_size),
+            total=done - started,
+            queue=execution.started - submitted,
+            inputs=submitted - started,
+            infer=execution.ended - execution.started,
+            outputs=done - returned,
+        )
         return response
 
     def _response(

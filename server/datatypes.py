@@ -64,6 +64,9 @@ def datatype_of_torch(dtype: torch.dtype) -> str | None:
 
 def numpy_to_torch(array: np.ndarray) -> torch.Tensor:
     """Zero-copy where numpy and torch share the dtype; bfloat16 goes through an int16 view."""
+    if not array.flags.writeable:
+        # Arrays over a request body are read-only; torch wants memory it may write to.
+        array = array.copy()
     if array.dtype == NUMPY_DTYPES["BF16"]:
         return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(array)

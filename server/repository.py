@@ -15,9 +15,10 @@ import torch
 
 from ember.server import loading
 from ember.server.config import ModelConfig
-from ember.server.errors import ModelNotFound, ModelNotReady
+from ember.server.errors import DeadlineExceeded, ModelNotFound, ModelNotReady
 from ember.server.metrics import PredictorMetrics
 from ember.server.runners import Runner
+from ember.server.stats import ModelStats
 
 log = logging.getLogger("ember.server.repository")
 
@@ -29,9 +30,24 @@ class ModelState(enum.Enum):
     FAILED = "FAILED"
 
 
-def _run_inference(runner: Runner, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+@dataclass(slots=True)
+class Execution:
+    outputs: dict[str, np.ndarray]
+    # time.monotonic() when the model's thread took the work up and when the forward ended.
+    started: float
+    ended: float
+
+
+def _run_inference(
+    runner: Runner, inputs: dict[str, np.ndarray], deadline: float | None
+) -> Execution:
+    started = time.monotonic()
+    if deadline is not None and started >= deadline:
+        # Expired while waiting for the thread: drop it without running.
+        raise DeadlineExceeded("request deadline passed before the model could run it")
     with torch.inference_mode():
-        return runner.predict(inputs)
+        outputs = runner.predict(inputs)
+    return Execution(outputs, started, time.monotonic())
 
 
 @dataclass(eq=False)
@@ -44,6 +60,7 @@ class ModelHandle:
     runner: Runner | None = None
     device: torch.device | None = None
     error: str | None = None
+    stats: ModelStats = field(default_factory=ModelStats)
     # One thread per instance: a forward never runs on the event loop, and torch sees one
     # caller at a time (the batching issue adds instances and a queue in front).
     executor: ThreadPoolExecutor = field(
@@ -57,12 +74,14 @@ class ModelHandle:
     def is_ready(self) -> bool:
         return self.state is ModelState.READY
 
-    async def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def predict(
+        self, inputs: dict[str, np.ndarray], deadline: float | None = None
+    ) -> Execution:
         runner = self.runner
         if runner is None or self.state is not ModelState.READY:
             raise ModelNotReady(self.name)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, _run_inference, runner, inputs)
+        return await loop.run_in_executor(self.executor, _run_inference, runner, inputs, deadline)
 
 
 class ModelRepository:

@@ -22,6 +22,7 @@ from ember.server.errors import ConfigError
 from ember.server.metrics import PredictorMetrics
 from ember.server.repository import ModelRepository
 from ember.server.rest.app import build_app
+from ember.server.rpc.server import build_server
 from ember.server.settings import ServeSettings
 
 log = logging.getLogger("ember.server")
@@ -68,6 +69,19 @@ async def serve(
         timeout_graceful_shutdown=int(settings.drain_seconds) + 1,
     )  # fmt: skip
     server = _Server(config)
+    grpc_server = None
+    if settings.enable_grpc:
+        try:
+            grpc_server, grpc_port = build_server(
+                dataplane, f"{settings.host}:{settings.grpc_port}",
+                max_send_bytes=settings.grpc_max_send_bytes,
+                max_receive_bytes=settings.grpc_max_receive_bytes,
+                share_port=settings.workers > 1,
+            )  # fmt: skip
+        except (OSError, RuntimeError) as exc:
+            log.error(f"cannot listen for gRPC on {settings.host}:{settings.grpc_port}: {exc}")
+            return 2
+        await grpc_server.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = 0
@@ -96,7 +110,14 @@ async def serve(
                 exit_code = 1
                 stop.set()
         if exit_code == 0 and not stop.is_set():
-            log.info("ready", extra={"models": repository.names(), "port": sock.getsockname()[1]})
+            log.info(
+                "ready",
+                extra={
+                    "models": repository.names(),
+                    "http_port": sock.getsockname()[1],
+                    "grpc_port": grpc_port if grpc_server is not None else None,
+                },
+            )
         stop_wait = asyncio.create_task(stop.wait())
         await asyncio.wait([serving, stop_wait], return_when=asyncio.FIRST_COMPLETED)
         stop_wait.cancel()
@@ -109,8 +130,11 @@ async def serve(
         deadline = loop.time() + settings.drain_seconds
         while dataplane.inflight and loop.time() < deadline and not server.force_exit:
             await asyncio.sleep(0.02)
-        # 3. stop the HTTP server (uvicorn closes idle keep-alive connections), then the models.
+        # 3. stop both servers (uvicorn closes idle keep-alive connections; gRPC cancels what is
+        #    left after a short grace), then the models.
         server.should_exit = True
+        if grpc_server is not None:
+            await grpc_server.stop(grace=1.0)
         await serving
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -23,6 +23,19 @@ class ServeSettings:
     log_json: bool | None = None
     max_body_bytes: int = 64 * 1024 * 1024
     drain_seconds: float = 30.0
+    enable_grpc: bool = True
+    # Room for a 64 MiB tensor plus the message around it.
+    grpc_max_send_bytes: int = 128 * 1024 * 1024
+    grpc_max_receive_bytes: int = 128 * 1024 * 1024
+
+
+def _flag(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,8 +104,29 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         help="on SIGTERM, how long in-flight requests may take to finish",
     )
+    add(
+        "--enable_grpc",
+        "--enable-grpc",
+        dest="enable_grpc",
+        default="true",
+        type=_flag,
+        help="serve V2 gRPC on --grpc_port (default true)",
+    )
+    add(
+        "--grpc_max_send_message_length",
+        dest="grpc_max_send_bytes",
+        type=int,
+        default=128 * 1024 * 1024,
+        help="bytes (default 128 MiB)",
+    )
+    add(
+        "--grpc_max_receive_message_length",
+        dest="grpc_max_receive_bytes",
+        type=int,
+        default=128 * 1024 * 1024,
+        help="bytes (default 128 MiB)",
+    )
     # Accepted so KServe's standard container args do not fail; they change nothing here.
-    add("--enable_grpc", "--enable-grpc", dest="enable_grpc", default=None, help=argparse.SUPPRESS)
     add("--enable_docs_url", dest="enable_docs_url", default=None, help=argparse.SUPPRESS)
     add("--max_threads", dest="max_threads", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -118,4 +152,7 @@ def settings_from(args: argparse.Namespace, env: dict[str, str] | None = None) -
         log_json={"auto": None, "json": True, "text": False}[args.log_format],
         max_body_bytes=args.max_body_bytes,
         drain_seconds=args.drain_seconds,
+        enable_grpc=args.enable_grpc,
+        grpc_max_send_bytes=args.grpc_max_send_bytes,
+        grpc_max_receive_bytes=args.grpc_max_receive_bytes,
     )

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from ember.server.codecs.json_tensors import array_from_json, array_to_json, parse_shape
+from ember.server.codecs.raw import array_from_raw, array_to_raw
 from ember.server.config import ModelConfig, TensorSpec
 from ember.server.errors import InvalidInput
 from ember.server.request import InferRequest, InferResponse, RequestedOutput, Tensor
@@ -43,7 +44,27 @@ def deadline_from(parameters: dict[str, Any]) -> float | None:
     return time.monotonic() + timeout / 1e6
 
 
-def decode_tensor(item: Any, index: int) -> Tensor:
+class _BinaryCursor:
+    """Hands out the binary section of a request, tensor by tensor, in JSON order."""
+
+    def __init__(self, data: memoryview) -> None:
+        self.data = data
+        self.offset = 0
+
+    def take(self, size: Any, where: str) -> memoryview:
+        if type(size) is not int or size < 0:
+            raise InvalidInput(f"{where}: 'binary_data_size' must be a non-negative integer")
+        if self.offset + size > len(self.data):
+            raise InvalidInput(
+                f"{where}: binary_data_size {size} runs past the end of the body "
+                f"({len(self.data) - self.offset} bytes remain)"
+            )
+        chunk = self.data[self.offset : self.offset + size]
+        self.offset += size
+        return chunk
+
+
+def decode_tensor(item: Any, index: int, binary: _BinaryCursor | None = None) -> Tensor:
     where = f"inputs[{index}]"
     doc = _object(item, where)
     name = _string(doc, "name", where)
@@ -55,6 +76,15 @@ def decode_tensor(item: Any, index: int) -> Tensor:
         raise InvalidInput(f"{where}: 'shape' is missing")
     shape = parse_shape(doc["shape"], where)
     params = _parameters(doc, where)
+    if "binary_data_size" in params and binary is not None:
+        if "data" in doc:
+            raise InvalidInput(f"{where}: has both 'data' and 'binary_data_size'")
+        chunk = binary.take(params["binary_data_size"], where)
+        if not isinstance(datatype, str):
+            raise InvalidInput(f"{where}: 'datatype' must be a string, got {datatype!r}")
+        array = array_from_raw(chunk, datatype, shape, where)
+        params = {k: v for k, v in params.items() if k != "binary_data_size"}
+        return Tensor(name=name, datatype=datatype, data=array, parameters=params)
     if "data" not in doc:
         if "binary_data_size" in params:
             raise InvalidInput(
@@ -66,7 +96,10 @@ def decode_tensor(item: Any, index: int) -> Tensor:
     return Tensor(name=name, datatype=datatype, data=array, parameters=params)
 
 
-def decode_request(body: Any, model_name: str, model_version: str | None) -> InferRequest:
+def decode_request(
+    body: Any, model_name: str, model_version: str | None, binary: memoryview | None = None
+) -> InferRequest:
+    """A V2 JSON document; `binary` is the section after it (Triton's binary extension)."""
     doc = _object(body, "request body")
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not inputs:
@@ -85,36 +118,58 @@ def decode_request(body: Any, model_name: str, model_version: str | None) -> Inf
             out = _object(item, f"outputs[{i}]")
             name = _string(out, "name", f"outputs[{i}]")
             outputs.append(RequestedOutput(name, _parameters(out, f"output '{name}'")))
+    cursor = _BinaryCursor(binary) if binary is not None else None
+    tensors = [decode_tensor(item, i, cursor) for i, item in enumerate(inputs)]
+    if cursor is not None and cursor.offset != len(cursor.data):
+        raise InvalidInput(
+            f"request body: {len(cursor.data) - cursor.offset} bytes of binary data are not "
+            "claimed by any input's binary_data_size"
+        )
     return InferRequest(
         model_name=model_name,
         model_version=model_version,
         id=request_id,
-        inputs=[decode_tensor(item, i) for i, item in enumerate(inputs)],
+        inputs=tensors,
         parameters=params,
         outputs=outputs,
         deadline=deadline_from(params),
     )
 
 
-def encode_response(response: InferResponse) -> dict[str, Any]:
+def binary_outputs(request: InferRequest) -> set[str]:
+    """Outputs to send as binary: per-output `binary_data`, else `binary_data_output`."""
+    default = request.parameters.get("binary_data_output") is True
+    if request.outputs is None:
+        return {"*"} if default else set()
+    return {o.name for o in request.outputs if o.parameters.get("binary_data", default) is True}
+
+
+def encode_response(
+    response: InferResponse, binary: set[str] | None = None
+) -> tuple[dict[str, Any], list[bytes]]:
+    """The JSON document and, for outputs named in `binary` ("*" = all), their raw bytes."""
+    binary = binary or set()
+    blobs: list[bytes] = []
+    outputs = []
+    for t in response.outputs:
+        out: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.data.shape)}
+        if "*" in binary or t.name in binary:
+            blob = array_to_raw(t.data, t.datatype)
+            out["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            out["data"] = array_to_json(t.data, t.datatype)
+        outputs.append(out)
     doc: dict[str, Any] = {
         "model_name": response.model_name,
         "model_version": response.model_version,
-        "outputs": [
-            {
-                "name": t.name,
-                "datatype": t.datatype,
-                "shape": list(t.data.shape),
-                "data": array_to_json(t.data, t.datatype),
-            }
-            for t in response.outputs
-        ],
+        "outputs": outputs,
     }
     if response.id is not None:
         doc["id"] = response.id
     if response.parameters:
         doc["parameters"] = response.parameters
-    return doc
+    return doc, blobs
 
 
 def _spec(spec: TensorSpec) -> dict[str, Any]:

@@ -16,12 +16,19 @@ from starlette.responses import Response
 from ember.server.codecs import v1, v2
 from ember.server.dataplane import DataPlane
 from ember.server.errors import EmberError, InvalidInput, Unimplemented
-from ember.server.rest.body import parse_json, read_body
+from ember.server.request import InferRequest, InferResponse
+from ember.server.rest.body import BINARY_HEADER, parse_json, read_body, split_binary_body
 from ember.server.rest.errors import ember_error_response, error_response
 
 SERVER_NAME = "ember"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["model_repository", "statistics"]
+EXTENSIONS = [
+    "binary_tensor_data",
+    "model_configuration",
+    "model_repository",
+    "model_repository(unload_dependents)",
+    "statistics",
+]
 
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
@@ -35,14 +42,14 @@ def build_app(dataplane: DataPlane, *, max_body_bytes: int = 64 * 1024 * 1024) -
     repository = dataplane.repository
 
     async def decode_and_infer(
-        model_name: str, protocol: str, decode: Callable[[], Awaitable[Any]]
-    ) -> Any:
+        model_name: str, protocol: str, decode: Callable[[], Awaitable[InferRequest]]
+    ) -> tuple[InferRequest, InferResponse]:
         try:
             request = await decode()
         except EmberError as exc:
             dataplane.reject(model_name, protocol, exc)
             raise
-        return await dataplane.infer(request, protocol)
+        return request, await dataplane.infer(request, protocol)
 
     # --- server level -------------------------------------------------------------------
     @app.get("/")
@@ -79,11 +86,11 @@ def build_app(dataplane: DataPlane, *, max_body_bytes: int = 64 * 1024 * 1024) -
 
     @app.post("/v1/models/{model_name}:predict")
     async def v1_predict(model_name: str, request: Request) -> Response:
-        async def decode() -> Any:
+        async def decode() -> InferRequest:
             config = dataplane.model(model_name)
             return v1.decode_request(parse_json(await read_body(request, max_body_bytes)), config)
 
-        response = await decode_and_infer(model_name, "v1", decode)
+        _, response = await decode_and_infer(model_name, "v1", decode)
         return _json(v1.encode_response(response))
 
     @app.post("/v1/models/{model_name}:explain")
@@ -127,22 +134,48 @@ def build_app(dataplane: DataPlane, *, max_body_bytes: int = 64 * 1024 * 1024) -
             return _json({"name": model_name, "ready": True})
         return error_response(503, f"model '{model_name}' is not ready")
 
+    async def model_config(model_name: str, version: str | None = None) -> Response:
+        return _json(dataplane.model_config(model_name, version))
+
+    async def model_stats(model_name: str, version: str | None = None) -> Response:
+        return _json({"model_stats": dataplane.statistics(model_name, version)})
+
+    @app.get("/v2/models/stats")
+    async def all_stats() -> Response:
+        return _json({"model_stats": dataplane.statistics()})
+
     async def model_metadata(model_name: str, version: str | None = None) -> Response:
         return _json(v2.model_metadata(dataplane.model(model_name, version)))
 
     async def model_infer(
         request: Request, model_name: str, version: str | None = None
     ) -> Response:
-        async def decode() -> Any:
+        async def decode() -> InferRequest:
+            dataplane.model(model_name, version)  # an unknown model is a 404 before any 400
             body = await read_body(request, max_body_bytes)
-            return v2.decode_request(parse_json(body), model_name, version)
+            # tritonclient sends no Content-Type: binary requests are known by this header only.
+            header_length = request.headers.get(BINARY_HEADER)
+            if header_length is None:
+                return v2.decode_request(parse_json(body), model_name, version)
+            json_part, binary = split_binary_body(body, header_length)
+            return v2.decode_request(parse_json(json_part), model_name, version, binary)
 
-        response = await decode_and_infer(model_name, "v2", decode)
-        return _json(v2.encode_response(response))
+        infer_request, response = await decode_and_infer(model_name, "v2", decode)
+        doc, blobs = v2.encode_response(response, v2.binary_outputs(infer_request))
+        if not blobs:
+            return _json(doc)
+        header = orjson.dumps(doc, option=_JSON_OPTIONS)
+        return Response(
+            b"".join([header, *blobs]),
+            media_type="application/octet-stream",
+            headers={BINARY_HEADER: str(len(header))},
+        )
 
     # Specific routes before the catch-all model routes.
     for prefix in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{version}"):
         app.add_api_route(prefix + "/ready", model_ready, methods=["GET"])
+        app.add_api_route(prefix + "/config", model_config, methods=["GET"])
+        app.add_api_route(prefix + "/stats", model_stats, methods=["GET"])
         app.add_api_route(prefix + "/infer", model_infer, methods=["POST"])
         app.add_api_route(prefix, model_metadata, methods=["GET"])
 

@@ -131,7 +131,8 @@ def test_encode_response_echoes_id_and_flattens() -> None:
     response = InferResponse(
         "m", [Tensor("y", "FP32", np.arange(6, dtype=np.float32).reshape(2, 3))], "1", "abc"
     )
-    doc = v2.encode_response(response)
+    doc, blobs = v2.encode_response(response)
+    assert blobs == []
     assert doc["id"] == "abc" and doc["model_version"] == "1"
     assert doc["outputs"][0]["shape"] == [2, 3]
     assert list(doc["outputs"][0]["data"]) == [0, 1, 2, 3, 4, 5]

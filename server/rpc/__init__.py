@@ -1,0 +1,1 @@
+"""The gRPC front door: KServe V2 / Triton's `inference.GRPCInferenceService`."""

@@ -1,0 +1,204 @@
+"""`inference.GRPCInferenceService` on the shared DataPlane: translation only."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn, TypeAlias
+
+import grpc
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2, service_pb2_grpc
+from tritonclient.grpc import service_pb2 as pb
+
+from ember.server.codecs.v2 import model_metadata
+from ember.server.dataplane import DataPlane
+from ember.server.errors import EmberError, ModelFailed
+from ember.server.rest.app import EXTENSIONS, SERVER_NAME, SERVER_VERSION
+from ember.server.rpc import codec
+from ember.server.rpc.errors import GRPC_STATUS
+
+log = logging.getLogger("ember.server.rpc")
+
+# grpc ships no type information; the alias says what the argument is.
+Context: TypeAlias = grpc.aio.ServicerContext
+
+
+async def _abort(context: Context, error: EmberError) -> NoReturn:
+    await context.abort(GRPC_STATUS[error.code], error.message)
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+
+def _unimplemented(method: str) -> Any:
+    async def handler(self: Any, request: Any, context: Context) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not supported by Ember")
+
+    handler.__name__ = method
+    return handler
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    # What Triton has and Ember does not: a clear UNIMPLEMENTED rather than the stub's bare one.
+    SystemSharedMemoryStatus = _unimplemented("SystemSharedMemoryStatus")
+    SystemSharedMemoryRegister = _unimplemented("SystemSharedMemoryRegister")
+    SystemSharedMemoryUnregister = _unimplemented("SystemSharedMemoryUnregister")
+    CudaSharedMemoryStatus = _unimplemented("CudaSharedMemoryStatus")
+    CudaSharedMemoryRegister = _unimplemented("CudaSharedMemoryRegister")
+    CudaSharedMemoryUnregister = _unimplemented("CudaSharedMemoryUnregister")
+    TraceSetting = _unimplemented("TraceSetting")
+    LogSettings = _unimplemented("LogSettings")
+
+    def __init__(self, dataplane: DataPlane) -> None:
+        self._dataplane = dataplane
+
+    # --- health and metadata ------------------------------------------------------------
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: Context
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self._dataplane.live())
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: Context
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._dataplane.ready())
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: Context
+    ) -> pb.ModelReadyResponse:
+        try:
+            ready = self._dataplane.model_ready(request.name, request.version or None)
+        except EmberError as exc:
+            await _abort(context, exc)
+        return pb.ModelReadyResponse(ready=ready)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Context
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS
+        )
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: Context
+    ) -> pb.ModelMetadataResponse:
+        try:
+            doc = model_metadata(self._dataplane.model(request.name, request.version or None))
+        except EmberError as exc:
+            await _abort(context, exc)
+        return json_format.ParseDict(doc, pb.ModelMetadataResponse())
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: Context
+    ) -> pb.ModelConfigResponse:
+        try:
+            doc = self._dataplane.model_config(request.name, request.version or None)
+        except EmberError as exc:
+            await _abort(context, exc)
+        config = json_format.ParseDict(doc, model_config_pb2.ModelConfig())
+        return pb.ModelConfigResponse(config=config)
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Context
+    ) -> pb.ModelStatisticsResponse:
+        try:
+            docs = self._dataplane.statistics(request.name or None, request.version or None)
+        except EmberError as exc:
+            await _abort(context, exc)
+        return json_format.ParseDict({"model_stats": docs}, pb.ModelStatisticsResponse())
+
+    # --- repository ---------------------------------------------------------------------
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Context
+    ) -> pb.RepositoryIndexResponse:
+        response = pb.RepositoryIndexResponse()
+        for handle in self._dataplane.repository.handles():
+            if request.ready and not handle.is_ready():
+                continue
+            response.models.add(
+                name=handle.name, version=handle.config.version, state=handle.state.value,
+                reason=handle.error or "",
+            )  # fmt: skip
+        return response
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Context
+    ) -> pb.RepositoryModelLoadResponse:
+        try:
+            await self._dataplane.repository.load(request.model_name)
+        except EmberError as exc:
+            await _abort(context, exc)
+        except Exception as exc:
+            await _abort(
+                context, ModelFailed(f"failed to load model '{request.model_name}': {exc}")
+            )
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
+    ) -> pb.RepositoryModelUnloadResponse:
+        try:
+            await self._dataplane.repository.unload(request.model_name)
+        except EmberError as exc:
+            await _abort(context, exc)
+        return pb.RepositoryModelUnloadResponse()
+
+    # --- inference ----------------------------------------------------------------------
+    async def _infer(
+        self, request: pb.ModelInferRequest, time_remaining: float | None
+    ) -> pb.ModelInferResponse:
+        try:
+            self._dataplane.model(request.model_name, request.model_version or None)
+            infer_request = codec.decode_request(request, time_remaining)
+        except EmberError as exc:
+            self._dataplane.reject(request.model_name, "grpc", exc)
+            raise
+        response = await self._dataplane.infer(infer_request, "grpc")
+        return codec.encode_response(response)
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: Context
+    ) -> pb.ModelInferResponse:
+        try:
+            return await self._infer(request, context.time_remaining())
+        except EmberError as exc:
+            await _abort(context, exc)
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests on one stream run concurrently; each answer (or its error) is sent as it
+        completes, and an error never closes the stream."""
+        done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        pending: set[asyncio.Task[None]] = set()
+
+        async def one(request: pb.ModelInferRequest) -> None:
+            try:
+                response = await self._infer(request, context.time_remaining())
+                await done.put(pb.ModelStreamInferResponse(infer_response=response))
+            except EmberError as exc:
+                echo = pb.ModelInferResponse(
+                    model_name=request.model_name, model_version=request.model_version,
+                    id=request.id,
+                )  # fmt: skip
+                await done.put(
+                    pb.ModelStreamInferResponse(error_message=exc.message, infer_response=echo)
+                )
+
+        async def read() -> None:
+            async for request in requests:
+                task = asyncio.create_task(one(request))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            await asyncio.gather(*pending)
+            await done.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await done.get()) is not None:
+                yield item
+            await reader
+        finally:
+            reader.cancel()
+            for task in list(pending):
+                task.cancel()
