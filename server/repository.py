@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import enum
 import logging
 import time
@@ -146,7 +147,13 @@ class ModelRepository:
     async def unload(self, name: str) -> None:
         handle = self.get(name)
         async with self._locks[name]:
+            device = handle.device
             handle.state, handle.runner = ModelState.UNAVAILABLE, None
+            # Drop the last references now, so weights (and device memory) go back at once
+            # rather than at some later collection.
+            gc.collect()
+            if device is not None and device.type == "cuda":
+                torch.cuda.empty_cache()
             self._metrics.model_ready.labels(name).set(0)
             log.info("model unloaded", extra={"model": name})
 
