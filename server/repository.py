@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import enum
+import gc
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,16 +39,6 @@ class Execution:
     ended: float
 
 
-def _run_inference(
-    runner: Runner, inputs: dict[str, np.ndarray], deadline: float | None
-) -> Execution:
-    started = time.monotonic()
-    if deadline is not None and started >= deadline:
-        # Expired while waiting for the thread: drop it without running.
-        raise DeadlineExceeded("request deadline passed before the model could run it")
-    with torch.inference_mode():
-        outputs = runner.predict(inputs)
-    return Execution(outputs, started, time.monotonic())
 
 
 @dataclass(eq=False)
@@ -62,6 +52,8 @@ class ModelHandle:
     device: torch.device | None = None
     error: str | None = None
     stats: ModelStats = field(default_factory=ModelStats)
+    # Forwards executing right now on this model's thread (read at shutdown).
+    running: int = 0
     # One thread per instance: a forward never runs on the event loop, and torch sees one
     # caller at a time (the batching issue adds instances and a queue in front).
     executor: ThreadPoolExecutor = field(
@@ -82,7 +74,23 @@ class ModelHandle:
         if runner is None or self.state is not ModelState.READY:
             raise ModelNotReady(self.name)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, _run_inference, runner, inputs, deadline)
+        return await loop.run_in_executor(self.executor, self._run, runner, inputs, deadline)
+
+    def _run(
+        self, runner: Runner, inputs: dict[str, np.ndarray], deadline: float | None
+    ) -> Execution:
+        """On the model's thread."""
+        started = time.monotonic()
+        if deadline is not None and started >= deadline:
+            # Expired while waiting for the thread: drop it without running.
+            raise DeadlineExceeded("request deadline passed before the model could run it")
+        self.running += 1
+        try:
+            with torch.inference_mode():
+                outputs = runner.predict(inputs)
+        finally:
+            self.running -= 1
+        return Execution(outputs, started, time.monotonic())
 
 
 class ModelRepository:
@@ -156,6 +164,9 @@ class ModelRepository:
                 torch.cuda.empty_cache()
             self._metrics.model_ready.labels(name).set(0)
             log.info("model unloaded", extra={"model": name})
+
+    def running(self) -> int:
+        return sum(h.running for h in self._handles.values())
 
     def close(self) -> None:
         for handle in self._handles.values():

@@ -130,6 +130,8 @@ async def serve(
         deadline = loop.time() + settings.drain_seconds
         while dataplane.inflight and loop.time() < deadline and not server.force_exit:
             await asyncio.sleep(0.02)
+        # uvicorn's own wait for open connections gets only what is left of the drain budget.
+        config.timeout_graceful_shutdown = max(0.5, deadline - loop.time())  # type: ignore[assignment]
         # 3. stop both servers (uvicorn closes idle keep-alive connections; gRPC cancels what is
         #    left after a short grace), then the models.
         server.should_exit = True
@@ -140,7 +142,13 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         repository.close()
-    log.info("stopped", extra={"exit_code": exit_code})
+    abandoned = repository.running()
+    log.info("stopped", extra={"exit_code": exit_code, "abandoned": abandoned})
+    if abandoned:
+        # A forward that outlived the drain budget cannot be interrupted, and Python would
+        # join its thread at exit: leave now, as the budget promised.
+        logging.shutdown()
+        os._exit(exit_code)
     return exit_code
 
 

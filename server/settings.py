@@ -137,6 +137,9 @@ def settings_from(args: argparse.Namespace, env: dict[str, str] | None = None) -
     if model_dir is None and args.model_repository is None:
         # KServe passes the model's location in STORAGE_URI when no initializer copied it.
         model_dir = env.get("STORAGE_URI") or None
+    if model_dir is not None:
+        # KServe writes file:// URIs; Path would fold "file:///x" into "file:/x".
+        model_dir = model_dir.removeprefix("file://")
     port = args.http_port if args.http_port is not None else int(env.get("PORT", "8080"))
     log_level = args.log_level or env.get("KSERVE_LOGLEVEL", "info").lower()
     return ServeSettings(

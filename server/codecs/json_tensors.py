@@ -50,6 +50,19 @@ def _bytes_array(data: Any, where: str) -> np.ndarray:
     return out
 
 
+def _exact_integers(data: Any, datatype: str, where: str) -> np.ndarray:
+    values = np.array(data, dtype=object)
+    flat = values.reshape(-1)
+    for item in flat:
+        if type(item) is not int:
+            got = "non-integer numbers" if isinstance(item, float) else type(item).__name__
+            raise InvalidInput(f"{where}: expected {datatype} values in 'data', got {got}")
+    info = np.iinfo(NUMPY_DTYPES[datatype])  # type: ignore[type-var]
+    if min(flat) < info.min or max(flat) > info.max:
+        raise InvalidInput(f"{where}: values out of range for {datatype} [{info.min}, {info.max}]")
+    return values.astype(NUMPY_DTYPES[datatype])
+
+
 def array_from_json(
     data: Any, datatype: str, shape: tuple[int, ...] | None, where: str
 ) -> np.ndarray:
@@ -76,6 +89,10 @@ def array_from_json(
             raise InvalidInput(
                 f"{where}: nested 'data' is ragged (rows of different lengths)"
             ) from None
+        if array.size and dtype.kind in "iu" and array.dtype.kind in "fO":
+            # Integers beyond int64 make numpy fall back to float64 (losing digits) or object:
+            # take those as exact Python ints instead.
+            array = _exact_integers(data, datatype, where)
         if array.size and not _accepts(datatype, array.dtype.kind):
             got = _KIND_WORDS.get(array.dtype.kind, str(array.dtype))
             raise InvalidInput(f"{where}: expected {datatype} values in 'data', got {got}")

@@ -164,10 +164,12 @@ class EmberProcess:
                 os.kill(self.pid, sig)
 
     def wait_exit(self, timeout: float) -> int:
+        """The exit code; fails the test if the process is still running `timeout` s later."""
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"ember serve still running {timeout} s later: {self.describe()}")
+            pass
+        pytest.fail(f"ember serve still running {timeout} s later: {self.describe()}")
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
         """SIGTERM, then SIGKILL (to its whole process group) if it does not exit in time."""
@@ -201,6 +203,9 @@ def launch(
     """
     port = free_port() if port is None else port
     argv = ["serve", *(str(a) for a in args), "--host", "127.0.0.1"]
+    if "--grpc_port" not in argv:
+        # Servers run side by side: each gets its own gRPC port too.
+        argv += ["--grpc_port", str(free_port())]
     if port_flag:
         argv += ["--http_port", str(port)]
     full_env = {k: v for k, v in os.environ.items() if k not in _SERVE_ENV}
