@@ -4,6 +4,7 @@ bad model.toml (exit non-zero at once, one line naming the file and the field).
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -149,3 +150,18 @@ def test_storage_uri_env_names_the_model_folder(
     server = ember(env={"STORAGE_URI": uri}, cwd=tmp_path)
     assert server.get("/v2/models").json()["models"] == ["identity"]
     server.assert_serves("identity")
+
+
+def test_workers_share_the_port_and_stop_together(ember: EmberFactory) -> None:
+    server = ember("--model-repository", MODELS, "--model", "identity", "--workers", "2")
+    children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+    workers = [
+        pid for pid in children
+        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]  # fmt: skip
+    assert len(workers) == 2, children
+    for _ in range(10):
+        server.assert_serves("identity")
+    server.signal(signal.SIGTERM)
+    assert server.wait_exit(20.0) == 0
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
