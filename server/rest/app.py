@@ -179,6 +179,16 @@ def build_app(dataplane: DataPlane, *, max_body_bytes: int = 64 * 1024 * 1024) -
         app.add_api_route(prefix + "/infer", model_infer, methods=["POST"])
         app.add_api_route(prefix, model_metadata, methods=["GET"])
 
+    # Triton features Ember does not have: a clear 501 rather than a bare 404.
+    async def unsupported(request: Request) -> Response:
+        raise Unimplemented(f"{request.url.path} is not supported by Ember")
+
+    for path in (
+        "/v2/systemsharedmemory{rest:path}", "/v2/cudasharedmemory{rest:path}",
+        "/v2/trace/setting", "/v2/models/{model_name}/trace/setting", "/v2/logging",
+    ):  # fmt: skip
+        app.add_api_route(path, unsupported, methods=["GET", "POST"], include_in_schema=False)
+
     # --- errors: every body is {"error": ...} ---------------------------------------------
     @app.exception_handler(EmberError)
     async def on_ember_error(_: Request, exc: EmberError) -> Response:

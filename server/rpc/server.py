@@ -2,30 +2,95 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
 import grpc
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2_grpc
 
 from ember.server.dataplane import DataPlane
 from ember.server.rpc.servicer import InferenceServicer
 
 
+class _Malformed:
+    """What a request that does not parse becomes, so the method can answer it properly."""
+
+    def __init__(self, error: DecodeError) -> None:
+        self.error = error
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return _Malformed(exc)
+
+    return deserialize
+
+
+def _malformed_message(handler_call_details: Any, request: _Malformed) -> str:
+    method = handler_call_details.method.rsplit("/", 1)[-1]
+    # protobuf's own message names the expected type ("... with type 'inference.X'").
+    return f"malformed {method} request: {request.error}"
+
+
+class _RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """grpc parses a request before the servicer runs and reports a parse failure as UNKNOWN;
+    a client that sends bytes that do not parse has sent bad input: INVALID_ARGUMENT."""
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        lenient = _lenient(handler.request_deserializer)
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def unary_unary(request: Any, context: Any) -> Any:
+                if isinstance(request, _Malformed):
+                    message = _malformed_message(handler_call_details, request)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+                return await unary(request, context)
+
+            return handler._replace(request_deserializer=lenient, unary_unary=unary_unary)
+        if handler.stream_stream is not None:
+            stream = handler.stream_stream
+
+            async def stream_stream(
+                requests: AsyncIterator[Any], context: Any
+            ) -> AsyncIterator[Any]:
+                async def checked() -> AsyncIterator[Any]:
+                    async for request in requests:
+                        if isinstance(request, _Malformed):
+                            message = _malformed_message(handler_call_details, request)
+                            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+                        yield request
+
+                async for response in stream(checked(), context):
+                    yield response
+
+            return handler._replace(request_deserializer=lenient, stream_stream=stream_stream)
+        return handler
+
+
 def build_server(
-    dataplane: DataPlane,
-    address: str,
-    *,
-    max_send_bytes: int,
-    max_receive_bytes: int,
+    dataplane: DataPlane, address: str, *, max_send_bytes: int, max_receive_bytes: int,
     share_port: bool = False,
-) -> tuple[grpc.aio.Server, int]:
+) -> tuple[grpc.aio.Server, int]:  # fmt: skip
     """The server bound to `address` ("host:port", port 0 = any) and the port it got."""
     server = grpc.aio.server(
+        interceptors=[_RejectMalformed()],
         options=[
             ("grpc.max_send_message_length", max_send_bytes),
             ("grpc.max_receive_message_length", max_receive_bytes),
             # Only `--workers` processes may share the port: otherwise a second server on the
             # same port must fail, not quietly take half the traffic.
             ("grpc.so_reuseport", 1 if share_port else 0),
-        ]
+        ],
     )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceServicer(dataplane), server

@@ -156,3 +156,13 @@ async def test_metrics_count_outcomes_per_protocol(client: httpx.AsyncClient) ->
     assert 'model_name="made-up"' not in text
     assert 'request_predict_seconds_count{model_name="mlp"} 2.0' in text
     assert 'ember_model_load_seconds{model_name="mlp"}' in text
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v2/systemsharedmemory/status", "/v2/cudasharedmemory/region/r/register", "/v2/logging"],
+)
+async def test_triton_only_features_answer_501(client: httpx.AsyncClient, path: str) -> None:
+    response = await client.post(path)
+    assert response.status_code == 501
+    assert response.json() == {"error": f"{path} is not supported by Ember"}
