@@ -39,8 +39,6 @@ class Execution:
     ended: float
 
 
-
-
 @dataclass(eq=False)
 class ModelHandle:
     """One model: its declaration, its runner once loaded, and the one thread it runs on."""
