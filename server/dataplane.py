@@ -13,7 +13,7 @@ from ember.server.codecs import triton_config
 from ember.server.config import ModelConfig
 from ember.server.datatypes import NUMPY_DTYPES
 from ember.server.errors import DeadlineExceeded, EmberError, ModelFailed
-from ember.server.metrics import PredictorMetrics
+from ember.server.metrics import ModelMetrics, PredictorMetrics
 from ember.server.repository import ModelHandle, ModelRepository
 from ember.server.request import InferRequest, InferResponse, Tensor
 from ember.server.validation import validate
@@ -82,18 +82,19 @@ class DataPlane:
     def reject(self, model_name: str, protocol: str, error: EmberError) -> None:
         """Count a request its adapter could not decode."""
         label = model_name if self.repository.has(model_name) else "unknown"
-        self.metrics.requests.labels(label, protocol, error.code.value).inc()
+        self.metrics.model(label).request(protocol, error.code.value)
 
     async def infer(self, request: InferRequest, protocol: str) -> InferResponse:
         """Run one request through its model. Raises EmberError subclasses only."""
         # Unknown names share one label, so a scan of made-up names cannot grow the registry.
         name = request.model_name if self.repository.has(request.model_name) else "unknown"
+        metrics = self.metrics.model(name)
         outcome = "success"
         started = self._clock()
-        self.metrics.inflight.labels(name).inc()
+        metrics.inflight.inc()
         self.inflight += 1
         try:
-            return await self._infer(request, started)
+            return await self._infer(request, started, metrics)
         except EmberError as exc:
             outcome = exc.code.value
             raise
@@ -104,26 +105,28 @@ class DataPlane:
             raise ModelFailed(f"model '{name}' failed: {type(exc).__name__}: {exc}") from exc
         finally:
             self.inflight -= 1
-            self.metrics.inflight.labels(name).dec()
-            self.metrics.requests.labels(name, protocol, outcome).inc()
-            if outcome != "success" and self.repository.has(request.model_name):
-                stats = self.repository.get(request.model_name).stats
+            metrics.inflight.dec()
+            metrics.request(protocol, outcome)
+            if outcome != "success" and name != "unknown":
+                stats = self.repository.get(name).stats
                 stats.record_failure(self._clock() - started)
 
-    async def _infer(self, request: InferRequest, started: float) -> InferResponse:
+    async def _infer(
+        self, request: InferRequest, started: float, metrics: ModelMetrics
+    ) -> InferResponse:
         handle = self.repository.ready_handle(request.model_name, request.model_version)
         config = handle.config
         inputs = validate(request, config)
         if request.deadline is not None and self._clock() >= request.deadline:
             raise DeadlineExceeded(f"request to '{config.name}' expired before it was run")
         submitted = self._clock()
-        self.metrics.preprocess.labels(config.name).observe(submitted - started)
+        metrics.preprocess.observe(submitted - started)
         execution = await handle.predict(inputs, request.deadline)
         returned = self._clock()
-        self.metrics.predict.labels(config.name).observe(returned - submitted)
+        metrics.predict.observe(returned - submitted)
         response = self._response(request, handle, execution.outputs)
         done = self._clock()
-        self.metrics.postprocess.labels(config.name).observe(done - returned)
+        metrics.postprocess.observe(done - returned)
         handle.stats.record_success(
             batch_size=_batch_size(inputs, config.max_batch_size),
             total=done - started,
