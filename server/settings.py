@@ -39,6 +39,8 @@ def _flag(value: str) -> bool:
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    # Defaults come from ServeSettings, so each is written once.
+    d = ServeSettings()
     add = parser.add_argument
     add(
         "--model-repository",
@@ -70,7 +72,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="the name to serve the --model_dir model under",
     )
-    add("--host", default="0.0.0.0")
+    add("--host", default=d.host)
     add(
         "--http_port",
         "--http-port",
@@ -79,8 +81,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="HTTP port (default 8080, or $PORT)",
     )
-    add("--grpc_port", "--grpc-port", dest="grpc_port", type=int, default=8081)
-    add("--workers", type=int, default=1, help="server processes sharing the HTTP port")
+    add("--grpc_port", "--grpc-port", dest="grpc_port", type=int, default=d.grpc_port)
+    add("--workers", type=int, default=d.workers, help="server processes sharing the HTTP port")
     add(
         "--log-level",
         "--log_level",
@@ -94,14 +96,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-body-bytes",
         dest="max_body_bytes",
         type=int,
-        default=64 * 1024 * 1024,
+        default=d.max_body_bytes,
         help="larger request bodies get 413 (default 64 MiB)",
     )
     add(
         "--drain-seconds",
         dest="drain_seconds",
         type=float,
-        default=30.0,
+        default=d.drain_seconds,
         help="on SIGTERM, how long in-flight requests may take to finish",
     )
     add(
@@ -116,14 +118,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--grpc_max_send_message_length",
         dest="grpc_max_send_bytes",
         type=int,
-        default=128 * 1024 * 1024,
+        default=d.grpc_max_send_bytes,
         help="bytes (default 128 MiB)",
     )
     add(
         "--grpc_max_receive_message_length",
         dest="grpc_max_receive_bytes",
         type=int,
-        default=128 * 1024 * 1024,
+        default=d.grpc_max_receive_bytes,
         help="bytes (default 128 MiB)",
     )
     # Accepted so KServe's standard container args do not fail; they change nothing here.
