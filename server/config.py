@@ -40,6 +40,16 @@ class TensorSpec(_Strict):
     # -1 marks a variable dimension.
     shape: list[int]
     optional: bool = False
+    # Inputs: requests that differ in the one variable non-batch dimension may share a batch,
+    # padded with this value to the longest.
+    pad_value: float | int | bool | None = None
+    # Outputs: cut the variable non-batch dimension back to each request's own length.
+    unpad: bool = False
+
+    def variable_dim(self) -> int | None:
+        """The one variable dimension after the batch dimension, if there is exactly one."""
+        dims = [i for i, d in enumerate(self.shape) if i > 0 and d == -1]
+        return dims[0] if len(dims) == 1 else None
 
     @field_validator("shape")
     @classmethod
@@ -48,6 +58,24 @@ class TensorSpec(_Strict):
             if dim < -1 or dim == 0:
                 raise ValueError(f"each dimension must be -1 (variable) or positive, got {dim}")
         return shape
+
+
+class BatchingConfig(_Strict):
+    """Triton's dynamic batcher settings, with its names where it has them."""
+
+    # Rows per batch; defaults to the model's max_batch_size.
+    max_batch_size: Annotated[int, Field(ge=1)] | None = None
+    max_queue_delay_us: Annotated[int, Field(ge=0)] = 0
+    preferred_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)
+    # Requests waiting beyond this are refused at once (429 / RESOURCE_EXHAUSTED); 0 = no limit.
+    max_queue_size: Annotated[int, Field(ge=0)] = 0
+    # A request not started this long after it arrived is answered 504 and never run; 0 = none.
+    default_timeout_us: Annotated[int, Field(ge=0)] = 0
+    # A request's own timeout may only shorten the default (Triton's allow_timeout_override).
+    allow_timeout_override: bool = True
+    # 0 = no priorities; else requests carry priority 1 (highest) .. priority_levels.
+    priority_levels: Annotated[int, Field(ge=0)] = 0
+    default_priority_level: Annotated[int, Field(ge=0)] = 0
 
 
 class ModelConfig(_Strict):
@@ -61,7 +89,10 @@ class ModelConfig(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
     inputs: Annotated[list[TensorSpec], Field(min_length=1)]
     outputs: Annotated[list[TensorSpec], Field(min_length=1)]
-    device: str = "auto"
+    # One device, or a list: instances are placed on each, batches go to the least loaded.
+    device: str | Annotated[list[str], Field(min_length=1)] = "auto"
+    instances: Annotated[int, Field(ge=1, le=64)] = 1  # per device
+    batching: BatchingConfig | None = None
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
     max_batch_size: Annotated[int, Field(ge=0)] = 0
 
@@ -76,10 +107,15 @@ class ModelConfig(_Strict):
 
     @field_validator("device")
     @classmethod
-    def _device(cls, device: str) -> str:
-        if not _DEVICE.match(device):
-            raise ValueError("expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    def _device(cls, device: str | list[str]) -> str | list[str]:
+        for one in [device] if isinstance(device, str) else device:
+            if not _DEVICE.match(one):
+                raise ValueError(f"expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {one!r}")
         return device
+
+    @property
+    def devices(self) -> list[str]:
+        return [self.device] if isinstance(self.device, str) else list(self.device)
 
     @field_validator("architecture", "class_")
     @classmethod
@@ -98,11 +134,57 @@ class ModelConfig(_Strict):
             names = [s.name for s in specs]
             if len(set(names)) != len(names):
                 raise ValueError(f"{kind} names must be unique, got {names}")
+        self._check_batching()
         if self.format != "python":
             bytes_specs = [s.name for s in (*self.inputs, *self.outputs) if s.datatype == "BYTES"]
             if bytes_specs:
                 raise ValueError(f"torch models cannot take or return BYTES ({bytes_specs})")
         return self
+
+    def _check_batching(self) -> None:
+        for spec in self.inputs:
+            if spec.pad_value is not None and spec.variable_dim() is None:
+                raise ValueError(
+                    f"input '{spec.name}': pad_value needs exactly one variable (-1) dimension "
+                    f"after the batch dimension, shape is {spec.shape}"
+                )
+        for spec in self.outputs:
+            if spec.unpad and spec.variable_dim() is None:
+                raise ValueError(
+                    f"output '{spec.name}': unpad needs exactly one variable (-1) dimension "
+                    f"after the batch dimension, shape is {spec.shape}"
+                )
+        batching = self.batching
+        if batching is None:
+            return
+        if self.max_batch_size == 0:
+            raise ValueError("[batching] needs max_batch_size > 0 (the first dimension is rows)")
+        for spec in self.inputs:
+            if not spec.shape or spec.shape[0] != -1:
+                raise ValueError(
+                    f"[batching] needs every input's first dimension to be -1, "
+                    f"input '{spec.name}' has shape {spec.shape}"
+                )
+        limit = self.batch_limit
+        too_big = [n for n in batching.preferred_batch_sizes if n > limit]
+        if too_big:
+            raise ValueError(f"preferred_batch_sizes {too_big} exceed max_batch_size {limit}")
+        if batching.max_batch_size is not None and batching.max_batch_size > self.max_batch_size:
+            raise ValueError(
+                f"[batching] max_batch_size {batching.max_batch_size} exceeds the model's "
+                f"max_batch_size {self.max_batch_size}"
+            )
+        if batching.default_priority_level > batching.priority_levels:
+            raise ValueError(
+                f"default_priority_level {batching.default_priority_level} is above "
+                f"priority_levels {batching.priority_levels}"
+            )
+
+    @property
+    def batch_limit(self) -> int:
+        """Rows per batch when batching."""
+        configured = self.batching.max_batch_size if self.batching else None
+        return configured or self.max_batch_size
 
     def weights_path(self, model_dir: Path) -> Path | None:
         """The local weights file; None for python models without storage."""

@@ -12,7 +12,7 @@ import numpy as np
 from ember.server.codecs import triton_config
 from ember.server.config import ModelConfig
 from ember.server.datatypes import NUMPY_DTYPES
-from ember.server.errors import DeadlineExceeded, EmberError, ModelFailed
+from ember.server.errors import EmberError, ModelFailed
 from ember.server.metrics import ModelMetrics, PredictorMetrics
 from ember.server.repository import ModelHandle, ModelRepository
 from ember.server.request import InferRequest, InferResponse, Tensor
@@ -117,22 +117,21 @@ class DataPlane:
         handle = self.repository.ready_handle(request.model_name, request.model_version)
         config = handle.config
         inputs = validate(request, config)
-        if request.deadline is not None and self._clock() >= request.deadline:
-            raise DeadlineExceeded(f"request to '{config.name}' expired before it was run")
         submitted = self._clock()
         metrics.preprocess.observe(submitted - started)
-        execution = await handle.predict(inputs, request.deadline)
+        result = await handle.predict(inputs, request.deadline, request.parameters)
         returned = self._clock()
         metrics.predict.observe(returned - submitted)
-        response = self._response(request, handle, execution.outputs)
+        metrics.queue_wait.observe(result.queued)
+        response = self._response(request, handle, result.outputs)
         done = self._clock()
         metrics.postprocess.observe(done - returned)
         handle.stats.record_success(
-            batch_size=_batch_size(inputs, config.max_batch_size),
+            rows=_batch_size(inputs, config.max_batch_size),
             total=done - started,
-            queue=execution.started - submitted,
+            queue=result.queued,
             inputs=submitted - started,
-            infer=execution.ended - execution.started,
+            infer=result.ended - result.started,
             outputs=done - returned,
         )
         return response

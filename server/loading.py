@@ -83,14 +83,13 @@ def _load_state_dict(path: Path, device: torch.device) -> dict[str, torch.Tensor
     return state
 
 
-def build_runner(config: ModelConfig, model_dir: Path) -> tuple[Runner, torch.device]:
-    device = resolve_device(config.device)
+def build_runner(config: ModelConfig, model_dir: Path, device: torch.device) -> Runner:
     dtype = getattr(torch, config.dtype)
     if config.format == "python":
         assert config.class_ is not None  # checked by the schema
         cls = import_object(config.class_, model_dir)
         instance = cls(model_dir=model_dir, device=device, **config.kwargs)
-        return PythonRunner(instance), device
+        return PythonRunner(instance)
     path = _weights(config, model_dir)
     module: Any
     if config.format == "torchscript":
@@ -113,7 +112,7 @@ def build_runner(config: ModelConfig, model_dir: Path) -> tuple[Runner, torch.de
         module.eval()
     if config.dtype != "float32" and isinstance(module, torch.nn.Module):
         module = module.to(dtype)
-    return TorchRunner(module, config, device), device
+    return TorchRunner(module, config, device)
 
 
 def dummy_inputs(specs: list[TensorSpec], batch: int = 1) -> dict[str, np.ndarray]:
@@ -129,10 +128,18 @@ def dummy_inputs(specs: list[TensorSpec], batch: int = 1) -> dict[str, np.ndarra
     return inputs
 
 
-def load(config: ModelConfig, model_dir: Path) -> tuple[Runner, torch.device]:
-    """Load and warm up: one forward on a dummy batch, so the first real request is fast."""
+def load(
+    config: ModelConfig, model_dir: Path, device_spec: str | None = None
+) -> tuple[Runner, torch.device]:
+    """Load one instance (on `device_spec`, default the first configured device) and warm it
+    up: one forward on a dummy batch, so the first real request is fast.
+
+    Each instance holds its own copy of the weights, as Triton's instances do: no state is
+    shared between threads.
+    """
     try:
-        runner, device = build_runner(config, model_dir)
+        device = resolve_device(device_spec or config.devices[0])
+        runner = build_runner(config, model_dir, device)
         runner.predict(dummy_inputs(config.inputs))
     except (LoadError, ConfigError):
         raise

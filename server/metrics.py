@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -42,11 +43,26 @@ class PredictorMetrics:
             "ember_model_load_seconds", "Seconds the last load of a model took, warm-up included",
             ["model_name"], registry=r,
         )  # fmt: skip
+        self.batch_size = Histogram(
+            "ember_batch_size", "Rows per executed batch",
+            ["model_name"], registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "ember_queue_wait_seconds", "Time a request waited for its batch to start",
+            ["model_name"], registry=r, buckets=_LATENCY_BUCKETS,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "ember_queue_depth", "Requests waiting in a model's queue", ["model_name"], registry=r
+        )
         self._per_model: dict[str, ModelMetrics] = {}
         self.model_ready = Gauge(
             "ember_model_ready", "1 when the model is loaded and warmed up",
             ["model_name"], registry=r,
         )  # fmt: skip
+
+    def watch_queue(self, name: str, queue: Sized) -> None:
+        # Read at scrape time: nothing to update per request.
+        self.queue_depth.labels(name).set_function(lambda: len(queue))
 
     def model(self, name: str) -> ModelMetrics:
         found = self._per_model.get(name)
@@ -66,6 +82,8 @@ class ModelMetrics:
         self.predict = metrics.predict.labels(name)
         self.postprocess = metrics.postprocess.labels(name)
         self.inflight = metrics.inflight.labels(name)
+        self.queue_wait = metrics.queue_wait.labels(name)
+        self.batch_size = metrics.batch_size.labels(name)
         self._requests: dict[tuple[str, str], Any] = {}
 
     def request(self, protocol: str, outcome: str) -> None:

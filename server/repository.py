@@ -7,18 +7,19 @@ import enum
 import gc
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from ember.server import loading
+from ember.server.batching.batcher import Batcher, Execution, Result
 from ember.server.config import ModelConfig
-from ember.server.errors import DeadlineExceeded, ModelNotFound, ModelNotReady
+from ember.server.errors import ModelNotFound, ModelNotReady
+from ember.server.instances import Instance, InstancePool
 from ember.server.metrics import PredictorMetrics
-from ember.server.runners import Runner
 from ember.server.stats import ModelStats
 
 log = logging.getLogger("ember.server.repository")
@@ -31,64 +32,48 @@ class ModelState(enum.Enum):
     FAILED = "FAILED"
 
 
-@dataclass(slots=True)
-class Execution:
-    outputs: dict[str, np.ndarray]
-    # time.monotonic() when the model's thread took the work up and when the forward ended.
-    started: float
-    ended: float
-
-
 @dataclass(eq=False)
 class ModelHandle:
-    """One model: its declaration, its runner once loaded, and the one thread it runs on."""
+    """One model: its declaration, and once loaded its instances and the batcher in front."""
 
     config: ModelConfig
     model_dir: Path
     state: ModelState = ModelState.UNAVAILABLE
-    runner: Runner | None = None
-    device: torch.device | None = None
+    pool: InstancePool | None = None
+    batcher: Batcher | None = None
     error: str | None = None
     stats: ModelStats = field(default_factory=ModelStats)
-    # Forwards executing right now on this model's thread (read at shutdown).
-    running: int = 0
-    # One thread per instance: a forward never runs on the event loop, and torch sees one
-    # caller at a time (the batching issue adds instances and a queue in front).
-    executor: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="ember-model")
-    )
 
     @property
     def name(self) -> str:
         return self.config.name
 
+    @property
+    def device(self) -> torch.device | None:
+        return self.pool.instances[0].device if self.pool else None
+
     def is_ready(self) -> bool:
         return self.state is ModelState.READY
 
-    async def predict(
-        self, inputs: dict[str, np.ndarray], deadline: float | None = None
-    ) -> Execution:
-        runner = self.runner
-        if runner is None or self.state is not ModelState.READY:
-            raise ModelNotReady(self.name)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._run, runner, inputs, deadline)
+    def running(self) -> int:
+        return self.pool.running() if self.pool else 0
 
-    def _run(
-        self, runner: Runner, inputs: dict[str, np.ndarray], deadline: float | None
-    ) -> Execution:
-        """On the model's thread."""
-        started = time.monotonic()
-        if deadline is not None and started >= deadline:
-            # Expired while waiting for the thread: drop it without running.
-            raise DeadlineExceeded("request deadline passed before the model could run it")
-        self.running += 1
-        try:
-            with torch.inference_mode():
-                outputs = runner.predict(inputs)
-        finally:
-            self.running -= 1
-        return Execution(outputs, started, time.monotonic())
+    async def predict(
+        self,
+        inputs: dict[str, np.ndarray],
+        deadline: float | None = None,
+        parameters: dict[str, Any] | None = None,
+    ) -> Result:
+        batcher = self.batcher
+        if batcher is None or self.state is not ModelState.READY:
+            raise ModelNotReady(self.name)
+        return await batcher.submit(inputs, deadline, parameters)
+
+    def record(self, execution: Execution) -> None:
+        self.stats.record_execution(
+            execution.rows, execution.merge_seconds, execution.infer_seconds,
+            execution.split_seconds,
+        )  # fmt: skip
 
 
 class ModelRepository:
@@ -131,22 +116,41 @@ class ModelRepository:
                 return handle
             handle.state = ModelState.LOADING
             started = time.monotonic()
-            loop = asyncio.get_running_loop()
+            config = handle.config
             try:
-                runner, device = await loop.run_in_executor(
-                    handle.executor, loading.load, handle.config, handle.model_dir
-                )
+                instances: list[Instance] = []
+                for device_spec in config.devices:
+                    for _ in range(config.instances):
+                        runner, device = await asyncio.to_thread(
+                            loading.load, config, handle.model_dir, device_spec
+                        )
+                        instances.append(Instance(runner, device, len(instances), name))
             except Exception as exc:
                 handle.state, handle.error = ModelState.FAILED, str(exc)
                 raise
             seconds = time.monotonic() - started
-            handle.runner, handle.device = runner, device
+            handle.pool = InstancePool(instances)
+            batch_sizes = self._metrics.model(name).batch_size
+
+            def on_execution(execution: Execution) -> None:
+                handle.record(execution)
+                batch_sizes.observe(execution.rows)
+
+            handle.batcher = Batcher(config, handle.pool, on_execution)
+            handle.batcher.start()
+            self._metrics.watch_queue(name, handle.batcher)
             handle.state, handle.error = ModelState.READY, None
             self._metrics.model_load_seconds.labels(name).set(seconds)
             self._metrics.model_ready.labels(name).set(1)
             log.info(
                 "model loaded",
-                extra={"model": name, "device": str(device), "seconds": round(seconds, 3)},
+                extra={
+                    "model": name,
+                    "devices": sorted({str(i.device) for i in instances}),
+                    "instances": len(instances),
+                    "batching": config.batching is not None,
+                    "seconds": round(seconds, 3),
+                },
             )
             return handle
 
@@ -154,7 +158,12 @@ class ModelRepository:
         handle = self.get(name)
         async with self._locks[name]:
             device = handle.device
-            handle.state, handle.runner = ModelState.UNAVAILABLE, None
+            handle.state = ModelState.UNAVAILABLE
+            if handle.batcher is not None:
+                await handle.batcher.close()
+            if handle.pool is not None:
+                handle.pool.close()
+            handle.batcher, handle.pool = None, None
             # Drop the last references now, so weights (and device memory) go back at once
             # rather than at some later collection.
             gc.collect()
@@ -164,8 +173,11 @@ class ModelRepository:
             log.info("model unloaded", extra={"model": name})
 
     def running(self) -> int:
-        return sum(h.running for h in self._handles.values())
+        return sum(h.running() for h in self._handles.values())
 
-    def close(self) -> None:
+    async def close(self) -> None:
         for handle in self._handles.values():
-            handle.executor.shutdown(wait=False, cancel_futures=True)
+            if handle.batcher is not None:
+                await handle.batcher.close()
+            if handle.pool is not None:
+                handle.pool.close()

@@ -141,7 +141,7 @@ async def serve(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        repository.close()
+        await repository.close()
     abandoned = repository.running()
     log.info("stopped", extra={"exit_code": exit_code, "abandoned": abandoned})
     if abandoned:

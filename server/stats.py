@@ -49,17 +49,22 @@ class ModelStats:
     batches: dict[int, BatchStats] = field(default_factory=dict)
 
     def record_success(
-        self, batch_size: int, total: float, queue: float, inputs: float, infer: float,
-        outputs: float,
-    ) -> None:  # fmt: skip
+        self, rows: int, total: float, queue: float, inputs: float, infer: float, outputs: float
+    ) -> None:
+        """One request answered; `infer` is the forward of the batch it ran in."""
         self.success.add(total)
         self.queue.add(queue)
         self.compute_input.add(inputs)
         self.compute_infer.add(infer)
         self.compute_output.add(outputs)
-        self.inference_count += batch_size
-        self.execution_count += 1
+        self.inference_count += rows
         self.last_inference_ms = int(time.time() * 1000)
+
+    def record_execution(
+        self, batch_size: int, inputs: float, infer: float, outputs: float
+    ) -> None:
+        """One forward pass, whatever number of requests it carried."""
+        self.execution_count += 1
         batch = self.batches.setdefault(batch_size, BatchStats())
         batch.compute_input.add(inputs)
         batch.compute_infer.add(infer)

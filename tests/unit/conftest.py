@@ -24,7 +24,7 @@ async def dataplane() -> AsyncIterator[DataPlane]:
     for name in repository.names():
         await repository.load(name)
     yield DataPlane(repository, metrics)
-    repository.close()
+    await repository.close()
 
 
 @pytest.fixture

@@ -22,8 +22,9 @@ async def test_v2_infer_matches_in_process_forward(
     assert body["id"] == "r1" and body["model_name"] == "mlp"
     [output] = body["outputs"]
     assert (output["name"], output["datatype"], output["shape"]) == ("output", "FP32", [1, 10])
-    runner = dataplane.repository.get("mlp").runner
-    assert runner is not None
+    pool = dataplane.repository.get("mlp").pool
+    assert pool is not None
+    runner = pool.instances[0].runner
     expected = runner.predict({"input": np.full((1, 784), 0.25, dtype=np.float32)})["output"]
     np.testing.assert_allclose(output["data"], expected.reshape(-1), rtol=1e-6)
 
