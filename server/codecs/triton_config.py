@@ -22,13 +22,33 @@ def _tensor(spec: TensorSpec, batched: bool) -> dict[str, Any]:
     return doc
 
 
+def _dynamic_batching(config: ModelConfig) -> dict[str, Any]:
+    batching = config.batching
+    if batching is None:
+        return {}
+    doc: dict[str, Any] = {
+        "preferred_batch_size": sorted(set(batching.preferred_batch_sizes)),
+        "max_queue_delay_microseconds": batching.max_queue_delay_us,
+        "priority_levels": batching.priority_levels,
+        "default_priority_level": batching.default_priority_level,
+        "default_queue_policy": {
+            "timeout_action": "REJECT",
+            "default_timeout_microseconds": batching.default_timeout_us,
+            "allow_timeout_override": batching.allow_timeout_override,
+            "max_queue_size": batching.max_queue_size,
+        },
+    }
+    return {"dynamic_batching": doc}
+
+
 def model_config(config: ModelConfig, device_kind: str) -> dict[str, Any]:
     batched = config.max_batch_size > 0
     return {
+        **_dynamic_batching(config),
         "name": config.name,
         "platform": platform_of(config),
         "backend": "ember",
-        "max_batch_size": config.max_batch_size,
+        "max_batch_size": config.batch_limit if config.batching else config.max_batch_size,
         "input": [_tensor(s, batched) for s in config.inputs],
         "output": [_tensor(s, batched) for s in config.outputs],
         "instance_group": [
