@@ -12,7 +12,7 @@ import numpy as np
 from ember.server.codecs import triton_config
 from ember.server.config import ModelConfig
 from ember.server.datatypes import NUMPY_DTYPES
-from ember.server.errors import EmberError, ModelFailed
+from ember.server.errors import EmberError, ErrorCode, ModelFailed
 from ember.server.metrics import ModelMetrics, PredictorMetrics
 from ember.server.repository import ModelHandle, ModelRepository
 from ember.server.request import InferRequest, InferResponse, Tensor
@@ -29,6 +29,14 @@ def _as_declared(array: np.ndarray, datatype: str) -> np.ndarray:
         return np.array([x if isinstance(x, bytes) else str(x).encode() for x in array.reshape(-1)],
                         dtype=object).reshape(array.shape)  # fmt: skip
     return array.astype(want)
+
+
+# Triton's `reason` label on nv_inference_request_failure.
+_FAILURE_REASON = {
+    ErrorCode.OVERLOADED.value: "REJECTED",
+    ErrorCode.DEADLINE_EXCEEDED.value: "REJECTED",
+    ErrorCode.MODEL_FAILED.value: "BACKEND",
+}
 
 
 def _batch_size(inputs: dict[str, np.ndarray], max_batch_size: int) -> int:
@@ -109,7 +117,7 @@ class DataPlane:
             metrics.request(protocol, outcome)
             if outcome != "success" and name != "unknown":
                 stats = self.repository.get(name).stats
-                stats.record_failure(self._clock() - started)
+                stats.record_failure(self._clock() - started, _FAILURE_REASON.get(outcome, "OTHER"))
 
     async def _infer(
         self, request: InferRequest, started: float, metrics: ModelMetrics

@@ -47,6 +47,8 @@ class ModelStats:
     execution_count: int = 0
     last_inference_ms: int = 0
     batches: dict[int, BatchStats] = field(default_factory=dict)
+    # Failed requests by Triton's reason label (REJECTED, BACKEND, OTHER).
+    failures: dict[str, int] = field(default_factory=dict)
 
     def record_success(
         self, rows: int, total: float, queue: float, inputs: float, infer: float, outputs: float
@@ -70,8 +72,9 @@ class ModelStats:
         batch.compute_infer.add(infer)
         batch.compute_output.add(outputs)
 
-    def record_failure(self, total: float) -> None:
+    def record_failure(self, total: float, reason: str) -> None:
         self.fail.add(total)
+        self.failures[reason] = self.failures.get(reason, 0) + 1
 
     def doc(self, name: str, version: str) -> dict[str, Any]:
         return {

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ember.server import triton_metrics
 from ember.server.codecs import v1, v2
 from ember.server.dataplane import DataPlane
 from ember.server.errors import EmberError, InvalidInput, Unimplemented
@@ -63,7 +64,11 @@ def build_app(dataplane: DataPlane, *, max_body_bytes: int = 64 * 1024 * 1024) -
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(generate_latest(dataplane.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        text = (
+            generate_latest(dataplane.metrics.registry)
+            + triton_metrics.render(repository.handles()).encode()
+        )
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v2/health/live")
     async def live() -> Response:

@@ -167,3 +167,33 @@ async def test_triton_only_features_answer_501(client: httpx.AsyncClient, path: 
     response = await client.post(path)
     assert response.status_code == 501
     assert response.json() == {"error": f"{path} is not supported by Ember"}
+
+
+async def test_triton_metric_names_follow_the_statistics(client: httpx.AsyncClient) -> None:
+    for _ in range(3):
+        await client.post("/v2/models/mlp/infer", json={"inputs": [MLP_INPUT]})
+    await client.post(
+        "/v2/models/raiser/infer",
+        json={"inputs": [{"name": "error", "datatype": "BYTES", "shape": [1], "data": ["bug"]}]},
+    )
+    text = (await client.get("/metrics")).text
+    assert "# TYPE nv_inference_request_success counter" in text
+    assert 'nv_inference_request_success{model="mlp",version="1"} 3' in text
+    assert 'nv_inference_count{model="mlp",version="1"} 3' in text
+    assert 'nv_inference_exec_count{model="mlp",version="1"} 3' in text
+    assert 'nv_inference_request_failure{model="raiser",version="1",reason="BACKEND"} 1' in text
+    assert 'nv_inference_pending_request_count{model="mlp",version="1"} 0' in text
+    assert "nv_inference_compute_infer_duration_us" in text
+    assert "_total{" not in text.split("# HELP nv_")[1]
+
+
+async def test_metrics_page_parses_as_prometheus_text(client: httpx.AsyncClient) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    await client.post("/v2/models/mlp/infer", json={"inputs": [MLP_INPUT]})
+    families = {
+        f.name: f for f in text_string_to_metric_families((await client.get("/metrics")).text)
+    }
+    assert families["nv_inference_exec_count"].type == "counter"
+    assert families["request_predict_seconds"].type == "histogram"
+    assert families["ember_queue_depth"].type == "gauge"
