@@ -4,10 +4,11 @@ its own stream, held by its runner), and the pool that hands out idle ones."""
 from __future__ import annotations
 
 import asyncio
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -15,30 +16,70 @@ from ember.server.runners import Runner
 
 T = TypeVar("T")
 
+# What the instance's thread reports back on the event loop: (result, None) or (None, error).
+Done = Callable[[Any, BaseException | None], None]
+
 
 class Instance:
+    """A dedicated thread fed through a queue. The thread hands each result back with one
+    `call_soon_threadsafe`; no executor futures or extra tasks on the request path.
+
+    The thread is a daemon: a forward still running when the drain budget is spent must not
+    keep the process alive.
+    """
+
     def __init__(self, runner: Runner, device: torch.device, index: int, model: str) -> None:
         self.runner = runner
         self.device = device
         self.index = index
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"ember-{model}-{index}")
         # Calls executing on the thread right now (read at shutdown).
         self.running = 0
+        self._jobs: queue.SimpleQueue[
+            tuple[Callable[[Runner], Any], Done, asyncio.AbstractEventLoop] | None
+        ] = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._serve, name=f"ember-{model}-{index}", daemon=True
+        )
+        self._thread.start()
+
+    def submit(self, work: Callable[[Runner], Any], done: Done) -> None:
+        """Run `work(runner)` on the instance's thread; `done` is called on this event loop."""
+        self._jobs.put((work, done, asyncio.get_running_loop()))
 
     async def run(self, work: Callable[[Runner], T]) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._call, work)
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
 
-    def _call(self, work: Callable[[Runner], T]) -> T:
-        self.running += 1
-        try:
-            with torch.inference_mode():
-                return work(self.runner)
-        finally:
-            self.running -= 1
+        def done(result: Any, error: BaseException | None) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        self.submit(work, done)
+        return await future
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            work, done, loop = job
+            self.running += 1
+            result: Any = None
+            error: BaseException | None = None
+            try:
+                with torch.inference_mode():
+                    result = work(self.runner)
+            except BaseException as exc:
+                error = exc
+            finally:
+                self.running -= 1
+            try:
+                loop.call_soon_threadsafe(done, result, error)
+            except RuntimeError:
+                return  # the loop is closed: the server is gone
 
     def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        self._jobs.put(None)
 
 
 class InstancePool:
@@ -56,7 +97,11 @@ class InstancePool:
 
     async def acquire(self) -> Instance:
         if self._idle:
-            best = min(self._idle, key=lambda i: self._busy_on(i.device))
+            best = (
+                self._idle[0]
+                if len(self._idle) == 1
+                else min(self._idle, key=lambda i: self._busy_on(i.device))
+            )
             self._idle.remove(best)
             return best
         waiter: asyncio.Future[Instance] = asyncio.get_running_loop().create_future()

@@ -116,7 +116,6 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._seq = itertools.count()
         self._task: asyncio.Task[None] | None = None
-        self._running: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
         """Requests waiting (answered ones still in the queue included until they leave)."""
@@ -262,42 +261,41 @@ class Batcher:
             if not batch:
                 self._pool.release(instance)
                 continue
-            task = asyncio.create_task(self._execute(instance, batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._dispatch(instance, batch)
 
-    async def _execute(self, instance: Instance, batch: list[_Item]) -> None:
+    def _dispatch(self, instance: Instance, batch: list[_Item]) -> None:
         dispatched = self._clock()
         rows = [i.pending.rows for i in batch]
-        try:
-            parts, execution, started, ended = await instance.run(
-                lambda runner: self._forward(runner, batch, rows)
-            )
-        except Exception as exc:
-            error = exc
-            if not isinstance(exc, EmberError):
-                # Logged once per batch, not once per request in it.
-                log.error(
-                    "batch failed",
-                    exc_info=exc,
-                    extra={"model": self._config.name, "requests": len(batch)},
-                )
-                error = ModelFailed(
-                    f"model '{self._config.name}' failed: {type(exc).__name__}: {exc}"
-                )
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(error)
-            return
-        finally:
+
+        def done(result: Any, error: BaseException | None) -> None:
             self._pool.release(instance)
-        self._on_execution(execution)
-        total = sum(rows)
-        for item, outputs in zip(batch, parts, strict=True):
+            if error is not None:
+                self._fail(batch, error)
+                return
+            parts, execution, started, ended = result
+            self._on_execution(execution)
+            total = execution.rows
+            for item, outputs in zip(batch, parts, strict=True):
+                if not item.future.done():
+                    item.future.set_result(
+                        Result(outputs, dispatched - item.pending.enqueued, started, ended, total)
+                    )
+
+        instance.submit(lambda runner: self._forward(runner, batch, rows), done)
+
+    def _fail(self, batch: list[_Item], exc: BaseException) -> None:
+        error = exc
+        if not isinstance(exc, EmberError):
+            # Logged once per batch, not once per request in it.
+            log.error(
+                "batch failed",
+                exc_info=exc,
+                extra={"model": self._config.name, "requests": len(batch)},
+            )
+            error = ModelFailed(f"model '{self._config.name}' failed: {type(exc).__name__}: {exc}")
+        for item in batch:
             if not item.future.done():
-                item.future.set_result(
-                    Result(outputs, dispatched - item.pending.enqueued, started, ended, total)
-                )
+                item.future.set_exception(error)
 
     def _forward(
         self, runner: Runner, batch: list[_Item], rows: list[int]
