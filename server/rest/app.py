@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -12,15 +11,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from ember.server import triton_metrics
-from ember.server.codecs import v1, v2
+from ember.server.codecs import v2
 from ember.server.dataplane import DataPlane
 from ember.server.errors import EmberError, InvalidInput, Unimplemented
-from ember.server.request import InferRequest, InferResponse
-from ember.server.rest.body import BINARY_HEADER, parse_json, read_body, split_binary_body
 from ember.server.rest.errors import ember_error_response, error_response
+from ember.server.rest.front import InferFront
+from ember.server.rest.infer import InferEndpoints
 
 SERVER_NAME = "ember"
 SERVER_VERSION = "0.1.0"
@@ -39,23 +37,19 @@ def _json(doc: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(doc, option=_JSON_OPTIONS), status, media_type="application/json")
 
 
-def build_app(dataplane: DataPlane, *, max_body_bytes: int = 64 * 1024 * 1024) -> FastAPI:
+def build_app(dataplane: DataPlane, *, max_body_bytes: int = 64 * 1024 * 1024) -> InferFront:
+    """The whole REST surface: the inference endpoints in front, FastAPI behind for the rest."""
+    app = build_routes(dataplane)
+    return InferFront(app, InferEndpoints(dataplane), max_body_bytes)
+
+
+def build_routes(dataplane: DataPlane) -> FastAPI:
     app = FastAPI(
         title="Ember predictor", version=SERVER_VERSION, docs_url=None, redoc_url=None,
         # FastAPI's OpenTelemetry hooks look up providers on every request; Ember has metrics.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )  # fmt: skip
     repository = dataplane.repository
-
-    async def decode_and_infer(
-        model_name: str, protocol: str, decode: Callable[[], Awaitable[InferRequest]]
-    ) -> tuple[InferRequest, InferResponse]:
-        try:
-            request = await decode()
-        except EmberError as exc:
-            dataplane.reject(model_name, protocol, exc)
-            raise
-        return request, await dataplane.infer(request, protocol)
 
     # --- server level -------------------------------------------------------------------
     @app.get("/")
@@ -93,16 +87,6 @@ def build_app(dataplane: DataPlane, *, max_body_bytes: int = 64 * 1024 * 1024) -
     @app.get("/v1/models/{model_name}")
     async def v1_model(model_name: str) -> Response:
         return _json({"name": model_name, "ready": dataplane.model_ready(model_name)})
-
-    async def v1_predict(request: Request) -> Response:
-        model_name = request.path_params["model_name"]
-
-        async def decode() -> InferRequest:
-            config = dataplane.model(model_name)
-            return v1.decode_request(parse_json(await read_body(request, max_body_bytes)), config)
-
-        _, response = await decode_and_infer(model_name, "v1", decode)
-        return _json(v1.encode_response(response))
 
     @app.post("/v1/models/{model_name}:explain")
     async def v1_explain(model_name: str) -> Response:
@@ -158,49 +142,12 @@ def build_app(dataplane: DataPlane, *, max_body_bytes: int = 64 * 1024 * 1024) -
     async def model_metadata(model_name: str, version: str | None = None) -> Response:
         return _json(v2.model_metadata(dataplane.model(model_name, version)))
 
-    async def model_infer(
-        request: Request, model_name: str, version: str | None = None
-    ) -> Response:
-        async def decode() -> InferRequest:
-            dataplane.model(model_name, version)  # an unknown model is a 404 before any 400
-            body = await read_body(request, max_body_bytes)
-            # tritonclient sends no Content-Type: binary requests are known by this header only.
-            header_length = request.headers.get(BINARY_HEADER)
-            if header_length is None:
-                return v2.decode_request(parse_json(body), model_name, version)
-            json_part, binary = split_binary_body(body, header_length)
-            return v2.decode_request(parse_json(json_part), model_name, version, binary)
-
-        infer_request, response = await decode_and_infer(model_name, "v2", decode)
-        doc, blobs = v2.encode_response(response, v2.binary_outputs(infer_request))
-        if not blobs:
-            return _json(doc)
-        header = orjson.dumps(doc, option=_JSON_OPTIONS)
-        return Response(
-            b"".join([header, *blobs]),
-            media_type="application/octet-stream",
-            headers={BINARY_HEADER: str(len(header))},
-        )
-
     # Specific routes before the catch-all model routes.
     for prefix in ("/v2/models/{model_name}", "/v2/models/{model_name}/versions/{version}"):
         app.add_api_route(prefix + "/ready", model_ready, methods=["GET"])
         app.add_api_route(prefix + "/config", model_config, methods=["GET"])
         app.add_api_route(prefix + "/stats", model_stats, methods=["GET"])
         app.add_api_route(prefix, model_metadata, methods=["GET"])
-
-    # The inference routes are plain Starlette routes, matched first: FastAPI's dependency
-    # solving and a walk past every other route cost ~70 µs a request (py-spy, ember bench),
-    # a tenth of what the server adds to a batch-1 forward.
-    async def v2_infer(request: Request) -> Response:
-        params = request.path_params
-        return await model_infer(request, params["model_name"], params.get("version"))
-
-    app.router.routes[:0] = [
-        Route("/v2/models/{model_name}/infer", v2_infer, methods=["POST"]),
-        Route("/v2/models/{model_name}/versions/{version}/infer", v2_infer, methods=["POST"]),
-        Route("/v1/models/{model_name}:predict", v1_predict, methods=["POST"]),
-    ]
 
     # Triton features Ember does not have: a clear 501 rather than a bare 404.
     async def unsupported(request: Request) -> Response:
@@ -229,4 +176,13 @@ def build_app(dataplane: DataPlane, *, max_body_bytes: int = 64 * 1024 * 1024) -
     async def on_bug(_: Request, exc: Exception) -> Response:
         return error_response(500, f"internal error: {type(exc).__name__}")
 
+    # Documented for OpenAPI readers; served by InferFront before these are ever reached.
+    async def routed_elsewhere() -> Response:  # pragma: no cover
+        raise AssertionError("inference is answered by InferFront")
+
+    for path in (
+        "/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{version}/infer",
+        "/v1/models/{model_name}:predict",
+    ):  # fmt: skip
+        app.add_api_route(path, routed_elsewhere, methods=["POST"])
     return app

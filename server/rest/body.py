@@ -1,29 +1,12 @@
-"""Reading a request body with a size limit, before any of it is parsed."""
+"""Turning a request body into a JSON document and, for Triton's binary extension, tensors."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import orjson
-from starlette.requests import Request
 
-from ember.server.errors import InvalidInput, PayloadTooLarge
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(
-            f"request body of {declared} bytes exceeds the limit of {limit} bytes"
-        )
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+from ember.server.errors import InvalidInput
 
 
 def parse_json(body: bytes) -> Any:
