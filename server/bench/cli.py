@@ -9,11 +9,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ember.server.bench.options import DEFAULT_FLOOR_SECONDS, BenchOptions
+from ember.server.bench.options import (
+    DEFAULT_COPY_SECONDS,
+    DEFAULT_FLOOR_SECONDS,
+    TRANSPORTS,
+    BenchOptions,
+)
 
 # The names in `protocols.PROTOCOLS`, repeated so that building the parser imports no
-# numpy/aiohttp/torch (a unit test keeps the two equal).
-PROTOCOL_NAMES = ("v2-json",)
+# numpy/aiohttp/grpc/torch (a unit test keeps the two equal).
+PROTOCOL_NAMES = tuple(TRANSPORTS)
 
 
 def concurrency_list(text: str) -> tuple[int, ...]:
@@ -29,6 +34,48 @@ def concurrency_list(text: str) -> tuple[int, ...]:
     if len(set(values)) != len(values):
         raise argparse.ArgumentTypeError(f"a concurrency is repeated in {text!r}")
     return values
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """`a,b` -> ("a", "b"): non-empty names, in the order given, no repeats."""
+    names = tuple(part.strip() for part in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected names separated by commas, got {text!r}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a name is repeated in {text!r}")
+    return names
+
+
+def protocol_list(text: str) -> tuple[str, ...]:
+    """`v2-json,grpc` -> ("v2-json", "grpc"): known protocols, measured in the order given."""
+    names = _names(text)
+    unknown = [n for n in names if n not in PROTOCOL_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown protocol {', '.join(unknown)}; choose from {', '.join(PROTOCOL_NAMES)}"
+        )
+    return names
+
+
+def shape(text: str) -> tuple[int, ...]:
+    """`1,4194304` -> (1, 4194304): positive dimensions."""
+    try:
+        dims = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected dimensions separated by commas, got {text!r}"
+        ) from None
+    if any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(f"each dimension must be at least 1, got {text!r}")
+    return dims
+
+
+def host_port(text: str) -> str:
+    """`host:port` for gRPC (no scheme: grpc takes targets, not URLs)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or "/" in text:
+        raise argparse.ArgumentTypeError(f"expected host:port, got {text!r}")
+    return text
 
 
 def _seconds(text: str) -> float:
@@ -60,18 +107,28 @@ def _threads(text: str) -> int:
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Closed-loop load against a V2 endpoint, beside its own ceilings measured in the same "
-        "run: the raw forward in this process, the server's HTTP floor and the client's floor. "
-        "Exits 1 if any request failed."
+        "Closed-loop load against a V2 endpoint (REST JSON, REST binary tensors, gRPC), beside "
+        "its own ceilings measured in the same run: the raw forward in this process, the "
+        "server's HTTP floor, the client's floor and, when protocols or payloads are compared, "
+        "an in-process copy of the same bytes. Exits 1 if any request failed."
     )
     add = parser.add_argument
     add("--model", required=True, help="the model to load (as named in its model.toml)")
     add("--url", default="http://127.0.0.1:8080", help="the server (default %(default)s)")
     add(
+        "--grpc-url",
+        "--grpc_url",
+        dest="grpc_url",
+        type=host_port,
+        default=None,
+        metavar="HOST:PORT",
+        help="the server's gRPC port, for --protocol grpc (default: --url's host, port 8081)",
+    )
+    add(
         "--serve",
         action="store_true",
-        help="start `ember serve --model-repository REPO --model MODEL` on a free port, "
-        "bench it, stop it (ignores --url)",
+        help="start `ember serve --model-repository REPO --model MODEL` on free ports, "
+        "bench it, stop it (ignores --url and --grpc-url)",
     )
     add(
         "--model-repository",
@@ -82,13 +139,47 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="where the model is, for the raw forward and its declared inputs (default models)",
     )
-    add("--protocol", choices=PROTOCOL_NAMES, default="v2-json", help="default %(default)s")
+    add(
+        "--protocol",
+        dest="protocols",
+        type=protocol_list,
+        default=("v2-json",),
+        metavar="P[,P...]",
+        help=f"wire protocols, each measured in turn: {', '.join(PROTOCOL_NAMES)} "
+        "(default v2-json)",
+    )
+    add(
+        "--input",
+        dest="inputs",
+        type=_names,
+        default=(),
+        metavar="NAME[,NAME...]",
+        help="the inputs to send (default: every declared input); for models with optional "
+        "inputs, such as identity",
+    )
+    add(
+        "--output",
+        dest="outputs",
+        type=_names,
+        default=(),
+        metavar="NAME[,NAME...]",
+        help="the outputs to ask for by name (default: all the model gives; with --input, "
+        "the OUTPUT* named like each INPUT* when the model declares them)",
+    )
+    add(
+        "--shape",
+        type=shape,
+        default=None,
+        metavar="D[,D...]",
+        help="the shape of every input sent (default: the declared shape, -1 -> 1)",
+    )
     add(
         "--concurrency",
         type=concurrency_list,
         default=(1,),
         metavar="N[,N...]",
-        help="closed-loop workers, one connection each; one level per value (default 1)",
+        help="closed-loop workers, one connection (or gRPC channel) each; one level per value "
+        "(default 1)",
     )
     add(
         "--duration",
@@ -121,6 +212,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds of raw in-process forwards (default 2; 0 skips them)",
     )
     add(
+        "--copy-seconds",
+        type=_seconds,
+        default=None,
+        metavar="S",
+        help=f"seconds of in-process copies of the payload, the copy floor of the throughput "
+        f"table (default {DEFAULT_COPY_SECONDS:g} when --protocol is not just v2-json or "
+        f"--input/--shape/--output is given, else 0; 0 skips it and the table)",
+    )
+    add(
         "--torch-threads",
         type=_threads,
         default=None,
@@ -145,12 +245,21 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
     floor = args.floor_seconds
     if floor is None:
         floor = min(args.duration, DEFAULT_FLOOR_SECONDS)
+    copy = args.copy_seconds
+    if copy is None:
+        # A plain latency run (the default) keeps its table as it was; a run that compares
+        # protocols or sizes its payload is about bytes per second, and gets the copy floor.
+        compares = tuple(args.protocols) != ("v2-json",)
+        sized = bool(args.inputs or args.outputs or args.shape)
+        copy = DEFAULT_COPY_SECONDS if compares or sized else 0.0
     return BenchOptions(
-        model=args.model, url=args.url, serve=args.serve,
-        model_repository=args.model_repository, protocol=args.protocol,
+        model=args.model, url=args.url, grpc_url=args.grpc_url, serve=args.serve,
+        model_repository=args.model_repository, protocols=tuple(args.protocols),
+        inputs=tuple(args.inputs), outputs=tuple(args.outputs), shape=args.shape,
         concurrency=tuple(args.concurrency), duration=args.duration, warmup=args.warmup,
-        floor_seconds=floor, raw_seconds=args.raw_seconds, torch_threads=args.torch_threads,
-        timeout=args.timeout, ready_timeout=args.ready_timeout, seed=args.seed, json=args.json,
+        floor_seconds=floor, raw_seconds=args.raw_seconds, copy_seconds=copy,
+        torch_threads=args.torch_threads, timeout=args.timeout,
+        ready_timeout=args.ready_timeout, seed=args.seed, json=args.json,
     )  # fmt: skip
 
 

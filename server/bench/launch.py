@@ -16,7 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from ember.server.bench.protocols import BenchError
+from ember.server.bench.errors import BenchError
 
 POLL_SECONDS = 0.05
 STOP_SECONDS = 10.0
@@ -55,13 +55,18 @@ class ServerProcess:
         return f"http://{self.host}:{self.port}"
 
     @property
+    def grpc_target(self) -> str:
+        """Its gRPC port as grpc wants it (`host:port`, no scheme)."""
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
 
     def start(self) -> None:
         self.port = free_port(self.host)
         # Its gRPC door too gets a free port: the default 8081 may be taken (another server,
-        # another bench); a later gRPC protocol for the load would use it.
+        # another bench). `--protocol grpc` loads it (`grpc_target`).
         self.grpc_port = free_port(self.host)
         # Kept open for the server's life (closed by stop()): its log, shown if it fails.
         self._log = tempfile.TemporaryFile(prefix="ember-bench-serve-")  # noqa: SIM115

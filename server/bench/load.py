@@ -59,6 +59,9 @@ class Stats:
     p99_ms: float | None
     mean_ms: float | None
     first_error: str | None = None
+    # The infer rows' wire protocol (v2-json, v2-binary, grpc), the floors' transport (http,
+    # grpc); "" for rows measured in-process.
+    protocol: str = ""
 
 
 def summarize(
@@ -68,6 +71,7 @@ def summarize(
     latencies_s: Sequence[float],
     errors: int = 0,
     first_error: str | None = None,
+    protocol: str = "",
 ) -> Stats:
     """Turn raw latencies (seconds) over a window of `seconds` into a `Stats` row."""
     if seconds <= 0:
@@ -85,7 +89,7 @@ def summarize(
     return Stats(
         target=target, concurrency=concurrency, seconds=seconds, requests=count,
         errors=errors, rps=count / seconds, p50_ms=p50, p90_ms=p90, p99_ms=p99,
-        mean_ms=mean, first_error=first_error,
+        mean_ms=mean, first_error=first_error, protocol=protocol,
     )  # fmt: skip
 
 
@@ -124,6 +128,7 @@ async def run_level(
     concurrency: int,
     duration: float,
     warmup: float,
+    protocol: str = "",
     clock: Clock = time.perf_counter,
 ) -> Stats:
     """Run `concurrency` workers for `warmup` + `duration` seconds; measure the last part."""
@@ -135,5 +140,6 @@ async def run_level(
         window = _Window(start=start, end=start + duration)
         await asyncio.gather(*(_work(call, window, clock) for call in calls))
     return summarize(
-        target, concurrency, duration, window.latencies, window.errors, window.first_error
-    )
+        target, concurrency, duration, window.latencies, window.errors, window.first_error,
+        protocol,
+    )  # fmt: skip

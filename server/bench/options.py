@@ -4,22 +4,38 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 DEFAULT_FLOOR_SECONDS = 3.0
+# Seconds of in-process copies when a run compares protocols or payloads (`cli.options_from`).
+DEFAULT_COPY_SECONDS = 2.0
+# KServe's default gRPC port, where `ember serve` listens unless told otherwise.
+DEFAULT_GRPC_PORT = 8081
+
+# Each protocol's transport: the floors measured for it (`run.py`) and the breakdown of its
+# p50 (`report.breakdown`) use the rows of its transport. The keys are `--protocol`'s choices,
+# kept equal to `protocols.PROTOCOLS` by a unit test; here so that building the parser imports
+# nothing heavy.
+TRANSPORTS = {"v2-json": "http", "v2-binary": "http", "grpc": "grpc"}
 
 
 @dataclass(frozen=True, slots=True)
 class BenchOptions:
     model: str
     url: str = "http://127.0.0.1:8080"
+    grpc_url: str | None = None  # host:port; None: --url's host, port 8081
     serve: bool = False
     model_repository: Path = Path("models")
-    protocol: str = "v2-json"
+    protocols: tuple[str, ...] = ("v2-json",)
+    inputs: tuple[str, ...] = ()  # (): every declared input
+    outputs: tuple[str, ...] = ()  # (): see `payload.select_outputs`
+    shape: tuple[int, ...] | None = None  # None: declared shapes, -1 -> 1
     concurrency: tuple[int, ...] = (1,)
     duration: float = 10.0
     warmup: float = 1.0
     floor_seconds: float = DEFAULT_FLOOR_SECONDS  # 0: no floors
     raw_seconds: float = 2.0  # 0: no raw forward (and no overhead column)
+    copy_seconds: float = 0.0  # 0: no copy floor and no throughput table
     torch_threads: int | None = None  # None: see `torch_threads()`
     timeout: float = 30.0
     ready_timeout: float = 120.0
@@ -41,3 +57,13 @@ def torch_threads(requested: int | None, serve: bool, cpus: int | None) -> int |
     if serve:
         return max(1, (cpus or 1) // 2)
     return None
+
+
+def grpc_target(url: str, grpc_url: str | None) -> str:
+    """Where the gRPC load goes: --grpc-url, else the host of --url on KServe's gRPC port."""
+    if grpc_url is not None:
+        return grpc_url
+    host = urlsplit(url).hostname or "127.0.0.1"
+    if ":" in host:  # an IPv6 literal, bracketed again for a gRPC target
+        host = f"[{host}]"
+    return f"{host}:{DEFAULT_GRPC_PORT}"
