@@ -87,3 +87,15 @@ def array_to_raw(array: np.ndarray, datatype: str) -> bytes:
     if dtype.itemsize > 1 and array.dtype.byteorder == ">":
         array = array.astype(dtype.newbyteorder("<"))
     return np.ascontiguousarray(array).tobytes()
+
+
+def raw_view(array: np.ndarray, datatype: str) -> bytes | memoryview:
+    """The tensor's bytes without a copy where the array is already little-endian and
+    contiguous; BYTES tensors are serialized."""
+    if datatype == "BYTES":
+        return array_to_raw(array, datatype)
+    dtype = NUMPY_DTYPES[datatype]
+    if dtype.itemsize > 1 and array.dtype.byteorder == ">":
+        array = array.astype(dtype.newbyteorder("<"))
+    flat = np.ascontiguousarray(array).reshape(-1)
+    return memoryview(flat.view(np.uint8))  # type: ignore[arg-type]

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from ember.server.codecs.json_tensors import array_from_json, array_to_json, parse_shape
-from ember.server.codecs.raw import array_from_raw, array_to_raw
+from ember.server.codecs.raw import array_from_raw, raw_view
 from ember.server.config import ModelConfig, TensorSpec
 from ember.server.errors import InvalidInput
 from ember.server.request import InferRequest, InferResponse, RequestedOutput, Tensor
@@ -146,15 +146,16 @@ def binary_outputs(request: InferRequest) -> set[str]:
 
 def encode_response(
     response: InferResponse, binary: set[str] | None = None
-) -> tuple[dict[str, Any], list[bytes]]:
-    """The JSON document and, for outputs named in `binary` ("*" = all), their raw bytes."""
+) -> tuple[dict[str, Any], list[bytes | memoryview]]:
+    """The JSON document and, for outputs named in `binary` ("*" = all), their raw bytes
+    (views over the output arrays where possible: written out without a copy)."""
     binary = binary or set()
-    blobs: list[bytes] = []
+    blobs: list[bytes | memoryview] = []
     outputs = []
     for t in response.outputs:
         out: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": list(t.data.shape)}
         if "*" in binary or t.name in binary:
-            blob = array_to_raw(t.data, t.datatype)
+            blob = raw_view(t.data, t.datatype)
             out["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

@@ -114,9 +114,14 @@ class InferFront:
                 "status": reply.status,
                 "headers": [
                     (b"content-type", reply.content_type.encode()),
-                    (b"content-length", str(len(reply.body)).encode()),
+                    (b"content-length", str(len(reply)).encode()),
                     *((k.encode(), v.encode()) for k, v in reply.headers),
                 ],
             }
         )
-        await send({"type": "http.response.body", "body": reply.body})
+        await send(
+            {"type": "http.response.body", "body": reply.body, "more_body": bool(reply.tail)}
+        )
+        for i, chunk in enumerate(reply.tail, start=1):
+            more = i < len(reply.tail)
+            await send({"type": "http.response.body", "body": chunk, "more_body": more})

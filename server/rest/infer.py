@@ -24,6 +24,11 @@ class Reply:
     status: int = 200
     content_type: str = "application/json"
     headers: tuple[tuple[str, str], ...] = ()
+    # Written after `body` as they are (binary tensors): no joining into one big copy.
+    tail: tuple[bytes | memoryview, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.body) + sum(len(chunk) for chunk in self.tail)
 
 
 class InferEndpoints:
@@ -63,9 +68,10 @@ class InferEndpoints:
         if not blobs:
             return Reply(header)
         return Reply(
-            b"".join([header, *blobs]),
+            header,
             content_type="application/octet-stream",
             headers=((BINARY_HEADER, str(len(header))),),
+            tail=tuple(blobs),
         )
 
     async def v1(self, model_name: str, read_body: Callable[[], Awaitable[bytes]]) -> Reply:

@@ -8,11 +8,12 @@ from typing import Any
 import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
-from ember.server.codecs.raw import array_from_raw, array_to_raw, element_count
+from ember.server.codecs.raw import array_from_raw, element_count, raw_view
 from ember.server.codecs.v2 import deadline_from
 from ember.server.datatypes import NUMPY_DTYPES
 from ember.server.errors import InvalidInput
 from ember.server.request import InferRequest, InferResponse, RequestedOutput, Tensor
+from ember.server.rpc.wire import ParsedInferRequest, RawInferResponse
 
 # Which typed-contents field carries each datatype (FP16 and BF16 have none: raw only).
 _CONTENTS_FIELD = {
@@ -78,9 +79,13 @@ def _typed(
     return wide.astype(dtype).reshape(shape)
 
 
-def decode_request(request: pb.ModelInferRequest, time_remaining: float | None) -> InferRequest:
+def decode_request(
+    parsed: ParsedInferRequest | pb.ModelInferRequest, time_remaining: float | None
+) -> InferRequest:
     """`time_remaining` is the client's gRPC deadline, in seconds from now."""
-    raw = request.raw_input_contents
+    if isinstance(parsed, pb.ModelInferRequest):
+        parsed = ParsedInferRequest(parsed, [memoryview(r) for r in parsed.raw_input_contents])
+    request, raw = parsed.message, parsed.raw
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(
             f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs"
@@ -126,8 +131,9 @@ def decode_request(request: pb.ModelInferRequest, time_remaining: float | None) 
     )
 
 
-def encode_response(response: InferResponse) -> pb.ModelInferResponse:
-    """Outputs always in raw_output_contents, in output order: tritonclient reads only those."""
+def encode_response(response: InferResponse) -> RawInferResponse:
+    """Outputs always in raw_output_contents, in output order: tritonclient reads only those.
+    The contents stay beside the message until `wire.serialize_infer_response` writes them."""
     message = pb.ModelInferResponse(
         model_name=response.model_name,
         model_version=response.model_version or "",
@@ -135,10 +141,11 @@ def encode_response(response: InferResponse) -> pb.ModelInferResponse:
     )
     for key, value in response.parameters.items():
         set_parameter(message.parameters[key], value)
+    raw = []
     for tensor in response.outputs:
         out = message.outputs.add()
         out.name = tensor.name
         out.datatype = tensor.datatype
         out.shape.extend(tensor.data.shape)
-        message.raw_output_contents.append(array_to_raw(tensor.data, tensor.datatype))
-    return message
+        raw.append(raw_view(tensor.data, tensor.datatype))
+    return RawInferResponse(message, raw)

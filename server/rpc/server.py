@@ -10,6 +10,7 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2_grpc
 
 from ember.server.dataplane import DataPlane
+from ember.server.rpc import wire
 from ember.server.rpc.servicer import InferenceServicer
 
 
@@ -36,9 +37,25 @@ def _malformed_message(handler_call_details: Any, request: _Malformed) -> str:
     return f"malformed {method} request: {request.error}"
 
 
-class _RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """grpc parses a request before the servicer runs and reports a parse failure as UNKNOWN;
-    a client that sends bytes that do not parse has sent bad input: INVALID_ARGUMENT."""
+# The inference methods get the hand-written wire codecs of wire.py for their big fields.
+_INFER_CODECS = {
+    "/inference.GRPCInferenceService/ModelInfer": (
+        wire.parse_infer_request, wire.serialize_infer_response,
+    ),
+    "/inference.GRPCInferenceService/ModelStreamInfer": (
+        wire.parse_infer_request, wire.serialize_stream_response,
+    ),
+}  # fmt: skip
+
+
+class _WireCodecs(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Sets how each method's messages are read and written.
+
+    - grpc parses a request before the servicer runs and reports a parse failure as UNKNOWN;
+      a client that sends bytes that do not parse has sent bad input: INVALID_ARGUMENT.
+    - ModelInfer and ModelStreamInfer read and write their tensor bytes without protobuf's
+      copies (wire.py).
+    """
 
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], handler_call_details: Any
@@ -46,7 +63,12 @@ class _RejectMalformed(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        lenient = _lenient(handler.request_deserializer)
+        parse, serialize = _INFER_CODECS.get(
+            handler_call_details.method,
+            (handler.request_deserializer, handler.response_serializer),
+        )
+        handler = handler._replace(response_serializer=serialize)
+        lenient = _lenient(parse)
         if handler.unary_unary is not None:
             unary = handler.unary_unary
 
@@ -83,7 +105,7 @@ def build_server(
 ) -> tuple[grpc.aio.Server, int]:  # fmt: skip
     """The server bound to `address` ("host:port", port 0 = any) and the port it got."""
     server = grpc.aio.server(
-        interceptors=[_RejectMalformed()],
+        interceptors=[_WireCodecs()],
         options=[
             ("grpc.max_send_message_length", max_send_bytes),
             ("grpc.max_receive_message_length", max_receive_bytes),

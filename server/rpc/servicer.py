@@ -18,6 +18,7 @@ from ember.server.errors import EmberError, ModelFailed
 from ember.server.rest.app import EXTENSIONS, SERVER_NAME, SERVER_VERSION
 from ember.server.rpc import codec
 from ember.server.rpc.errors import GRPC_STATUS
+from ember.server.rpc.wire import ParsedInferRequest, RawInferResponse, RawStreamResponse
 
 log = logging.getLogger("ember.server.rpc")
 
@@ -145,45 +146,43 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     # --- inference ----------------------------------------------------------------------
     async def _infer(
-        self, request: pb.ModelInferRequest, time_remaining: float | None
-    ) -> pb.ModelInferResponse:
+        self, request: ParsedInferRequest, time_remaining: float | None
+    ) -> RawInferResponse:
+        message = request.message
         try:
-            self._dataplane.model(request.model_name, request.model_version or None)
+            self._dataplane.model(message.model_name, message.model_version or None)
             infer_request = codec.decode_request(request, time_remaining)
         except EmberError as exc:
-            self._dataplane.reject(request.model_name, "grpc", exc)
+            self._dataplane.reject(message.model_name, "grpc", exc)
             raise
         response = await self._dataplane.infer(infer_request, "grpc")
         return codec.encode_response(response)
 
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: Context
-    ) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: ParsedInferRequest, context: Context) -> RawInferResponse:
         try:
             return await self._infer(request, context.time_remaining())
         except EmberError as exc:
             await _abort(context, exc)
 
     async def ModelStreamInfer(
-        self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        self, requests: AsyncIterator[ParsedInferRequest], context: Context
+    ) -> AsyncIterator[RawStreamResponse]:
         """Requests on one stream run concurrently; each answer (or its error) is sent as it
         completes, and an error never closes the stream."""
-        done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        done: asyncio.Queue[RawStreamResponse | None] = asyncio.Queue()
         pending: set[asyncio.Task[None]] = set()
 
-        async def one(request: pb.ModelInferRequest) -> None:
+        async def one(request: ParsedInferRequest) -> None:
             try:
                 response = await self._infer(request, context.time_remaining())
-                await done.put(pb.ModelStreamInferResponse(infer_response=response))
+                await done.put(RawStreamResponse(response))
             except EmberError as exc:
+                message = request.message
                 echo = pb.ModelInferResponse(
-                    model_name=request.model_name, model_version=request.model_version,
-                    id=request.id,
+                    model_name=message.model_name, model_version=message.model_version,
+                    id=message.id,
                 )  # fmt: skip
-                await done.put(
-                    pb.ModelStreamInferResponse(error_message=exc.message, infer_response=echo)
-                )
+                await done.put(RawStreamResponse(RawInferResponse(echo), exc.message))
 
         async def read() -> None:
             async for request in requests:

@@ -14,7 +14,7 @@ from tritonclient.grpc import service_pb2_grpc
 from ember.server.dataplane import DataPlane
 from ember.server.errors import ErrorCode, InvalidInput
 from ember.server.request import InferResponse, Tensor
-from ember.server.rpc import codec
+from ember.server.rpc import codec, wire
 from ember.server.rpc.errors import GRPC_STATUS
 from ember.server.rpc.server import build_server
 
@@ -108,7 +108,9 @@ def test_responses_use_raw_contents_in_output_order() -> None:
         "id-9",
         {"note": "x"},
     )
-    message = codec.encode_response(response)
+    message = pb.ModelInferResponse.FromString(
+        wire.serialize_infer_response(codec.encode_response(response))
+    )
     assert message.id == "id-9" and [o.name for o in message.outputs] == ["y", "s"]
     assert list(message.outputs[0].shape) == [1, 2]
     assert np.frombuffer(message.raw_output_contents[0], np.float32).tolist() == [1.0, 2.0]
@@ -187,3 +189,61 @@ async def test_unimplemented_rpcs_say_so(stub: service_pb2_grpc.GRPCInferenceSer
         await stub.CudaSharedMemoryStatus(pb.CudaSharedMemoryStatusRequest())
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "CudaSharedMemoryStatus is not supported" in info.value.details()
+
+
+def full_request() -> pb.ModelInferRequest:
+    request = infer_request(
+        model_name="m", model_version="2", id="r",
+        inputs=[tensor("a", "FP32", [2]), tensor("b", "BYTES", [1])],
+        outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name="y")],
+        raw_input_contents=[np.arange(2, dtype=np.float32).tobytes(), b"\x01\x00\x00\x00z"],
+    )  # fmt: skip
+    request.parameters["priority"].int64_param = 3
+    request.parameters["ratio"].double_param = 0.5
+    return request
+
+
+def test_hand_parsed_request_equals_protobuf() -> None:
+    request = full_request()
+    parsed = wire.parse_infer_request(request.SerializeToString())
+    assert [bytes(r) for r in parsed.raw] == list(request.raw_input_contents)
+    expected = pb.ModelInferRequest()
+    expected.CopyFrom(request)
+    del expected.raw_input_contents[:]
+    assert parsed.message == expected
+    decoded = codec.decode_request(parsed, None)
+    assert decoded.inputs[0].data.tolist() == [0.0, 1.0]
+    assert decoded.parameters == {"priority": 3, "ratio": 0.5}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x3a\x10ab",  # raw_input_contents claims 16 bytes, 2 follow
+        b"\x0a",  # a tag with no length
+        b"\x3d\x00\x00\x00\x00",  # raw_input_contents as a fixed32
+        b"\x0b",  # wire type 3 (groups)
+        b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01",  # overlong varint
+        b"\x00\x01",  # field number 0
+    ],
+)
+def test_malformed_requests_raise_decode_error(data: bytes) -> None:
+    from google.protobuf.message import DecodeError
+
+    with pytest.raises(DecodeError):
+        wire.parse_infer_request(data)
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 300, 70_000])
+def test_hand_written_responses_parse_with_protobuf(size: int) -> None:
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    message = pb.ModelInferResponse(model_name="m", id="x")
+    raw = wire.RawInferResponse(message, [memoryview(payload), b"tail"])
+    parsed = pb.ModelInferResponse.FromString(wire.serialize_infer_response(raw))
+    assert list(parsed.raw_output_contents) == [payload, b"tail"]
+    assert parsed.id == "x"
+    stream = pb.ModelStreamInferResponse.FromString(
+        wire.serialize_stream_response(wire.RawStreamResponse(raw, "oops"))
+    )
+    assert stream.error_message == "oops"
+    assert list(stream.infer_response.raw_output_contents) == [payload, b"tail"]
