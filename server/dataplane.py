@@ -84,6 +84,14 @@ class DataPlane:
         )
         return [h.stats.doc(h.name, h.config.version) for h in handles]
 
+    def admit(self, name: str, version: str | None = None) -> ModelConfig:
+        """The model's config if a request to it could be queued now; raises ModelNotFound,
+        ModelNotReady or Overloaded before anything is read or decoded."""
+        handle = self.repository.ready_handle(name, version)
+        if handle.batcher is not None:
+            handle.batcher.check_room()
+        return handle.config
+
     def model_ready(self, name: str, version: str | None = None) -> bool:
         return self.repository.get(name, version).is_ready()
 

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 import uvicorn
 
 from ember.server import logs
@@ -43,8 +44,12 @@ def resolve_models(settings: ServeSettings) -> list[tuple[ModelConfig, Path]]:
         if "://" in uri and not uri.startswith("file://"):
             raise ConfigError(f"model location '{uri}': only local folders are supported so far")
         model_dir = Path(uri.removeprefix("file://"))
-        return [(load_model_config(model_dir, settings.model_name), model_dir)]
-    return discover(settings.model_repository, list(settings.models) or None)
+        models = [(load_model_config(model_dir, settings.model_name), model_dir)]
+    else:
+        models = discover(settings.model_repository, list(settings.models) or None)
+    if settings.no_batching:
+        models = [(c.model_copy(update={"batching": None}), d) for c, d in models]
+    return models
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -164,6 +169,7 @@ def _worker(
     settings: ServeSettings, models: list[tuple[ModelConfig, Path]], sock: socket.socket
 ) -> None:
     logs.configure(settings.log_level, settings.log_json)
+    _set_torch_threads(settings)
     sys.exit(_run_one(settings, models, sock))
 
 
@@ -194,8 +200,16 @@ def _run_workers(
     return max(codes)
 
 
+def _set_torch_threads(settings: ServeSettings) -> None:
+    # torch sizes its pool by the machine's cores, not by the CPUs this process may use: under
+    # `taskset -c 0` or a CPU-limited container its threads would fight over one core.
+    threads = settings.torch_threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(max(1, threads))
+
+
 def run(settings: ServeSettings) -> int:
     logs.configure(settings.log_level, settings.log_json)
+    _set_torch_threads(settings)
     try:
         models = resolve_models(settings)
         sock = bind(settings.host, settings.http_port)

@@ -24,6 +24,10 @@ class ServeSettings:
     max_body_bytes: int = 64 * 1024 * 1024
     drain_seconds: float = 30.0
     enable_grpc: bool = True
+    # Serve every model without its [batching] section (one request per forward): an A/B switch.
+    no_batching: bool = False
+    # torch intra-op threads; None = the CPUs this process may run on (taskset, cgroups).
+    torch_threads: int | None = None
     # Room for a 64 MiB tensor plus the message around it.
     grpc_max_send_bytes: int = 128 * 1024 * 1024
     grpc_max_receive_bytes: int = 128 * 1024 * 1024
@@ -128,6 +132,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.grpc_max_receive_bytes,
         help="bytes (default 128 MiB)",
     )
+    add(
+        "--no-batching",
+        dest="no_batching",
+        action="store_true",
+        help="ignore every model's [batching] section: one request per forward",
+    )
+    add(
+        "--torch-threads",
+        dest="torch_threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: the CPUs this process may use)",
+    )
     # Accepted so KServe's standard container args do not fail; they change nothing here.
     add("--enable_docs_url", dest="enable_docs_url", default=None, help=argparse.SUPPRESS)
     add("--max_threads", dest="max_threads", type=int, default=None, help=argparse.SUPPRESS)
@@ -158,6 +175,8 @@ def settings_from(args: argparse.Namespace, env: dict[str, str] | None = None) -
         max_body_bytes=args.max_body_bytes,
         drain_seconds=args.drain_seconds,
         enable_grpc=args.enable_grpc,
+        torch_threads=args.torch_threads,
+        no_batching=args.no_batching,
         grpc_max_send_bytes=args.grpc_max_send_bytes,
         grpc_max_receive_bytes=args.grpc_max_receive_bytes,
     )

@@ -121,6 +121,15 @@ class Batcher:
         """Requests waiting (answered ones still in the queue included until they leave)."""
         return self._size
 
+    def check_room(self) -> None:
+        """Raise Overloaded if a request would be refused now: lets a door refuse before it
+        reads and decodes a body it would throw away."""
+        if self._max_queue and self._size >= self._max_queue:
+            raise Overloaded(
+                f"model '{self._config.name}' has {self._size} requests queued "
+                f"(max_queue_size {self._max_queue}); retry later"
+            )
+
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name=f"batcher-{self._config.name}")
@@ -167,11 +176,7 @@ class Batcher:
         """Queue one validated request and wait for its outputs. Raises Overloaded when the
         queue is full, DeadlineExceeded when it expires before it runs."""
         priority = self._priority(parameters or {})
-        if self._max_queue and self._size >= self._max_queue:
-            raise Overloaded(
-                f"model '{self._config.name}' has {self._size} requests queued "
-                f"(max_queue_size {self._max_queue}); retry later"
-            )
+        self.check_room()
         now = self._clock()
         deadline = self._deadline(deadline, now)
         if deadline is not None and now >= deadline:

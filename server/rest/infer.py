@@ -53,7 +53,8 @@ class InferEndpoints:
         read_body: Callable[[], Awaitable[bytes]],
     ) -> Reply:
         async def decode() -> InferRequest:
-            self._dataplane.model(model_name, version)  # an unknown model: 404 before any 400
+            # Unknown, not ready or full: answered before the body is read or decoded.
+            self._dataplane.admit(model_name, version)
             body = await read_body()
             # tritonclient sends no Content-Type: binary requests are known by this header only.
             header_length = headers.get(BINARY_HEADER)
@@ -76,7 +77,7 @@ class InferEndpoints:
 
     async def v1(self, model_name: str, read_body: Callable[[], Awaitable[bytes]]) -> Reply:
         async def decode() -> InferRequest:
-            config = self._dataplane.model(model_name)
+            config = self._dataplane.admit(model_name)
             return v1.decode_request(parse_json(await read_body()), config)
 
         _, response = await self._decode_and_infer(model_name, "v1", decode)

@@ -150,7 +150,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
     ) -> RawInferResponse:
         message = request.message
         try:
-            self._dataplane.model(message.model_name, message.model_version or None)
+            self._dataplane.admit(message.model_name, message.model_version or None)
             infer_request = codec.decode_request(request, time_remaining)
         except EmberError as exc:
             self._dataplane.reject(message.model_name, "grpc", exc)
