@@ -93,6 +93,9 @@ class ModelConfig(_Strict):
     device: str | Annotated[list[str], Field(min_length=1)] = "auto"
     instances: Annotated[int, Field(ge=1, le=64)] = 1  # per device
     batching: BatchingConfig | None = None
+    # torch.compile the module (dynamic shapes, so batches of any size reuse one graph). Needs
+    # a C++ compiler where the server runs; the first forward (the warm-up) compiles.
+    compile: bool = False
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
     max_batch_size: Annotated[int, Field(ge=0)] = 0
 
@@ -135,6 +138,8 @@ class ModelConfig(_Strict):
             if len(set(names)) != len(names):
                 raise ValueError(f"{kind} names must be unique, got {names}")
         self._check_batching()
+        if self.compile and self.format not in ("safetensors", "torch_export"):
+            raise ValueError("compile = true needs format 'safetensors' or 'torch_export'")
         if self.format != "python":
             bytes_specs = [s.name for s in (*self.inputs, *self.outputs) if s.datatype == "BYTES"]
             if bytes_specs:

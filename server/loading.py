@@ -112,6 +112,8 @@ def build_runner(config: ModelConfig, model_dir: Path, device: torch.device) -> 
         module.eval()
     if config.dtype != "float32" and isinstance(module, torch.nn.Module):
         module = module.to(dtype)
+    if config.compile:
+        module = torch.compile(module, dynamic=True)
     return TorchRunner(module, config, device)
 
 

@@ -145,3 +145,21 @@ def test_dummy_inputs_follow_declared_specs(tmp_path: Path) -> None:
     folder = model_dir(tmp_path, "torchscript")
     inputs = dummy_inputs(load_model_config(folder).inputs, batch=3)
     assert inputs["x"].shape == (3, 4) and inputs["x"].dtype == np.float32
+
+
+def test_compile_matches_eager_and_is_refused_for_torchscript(tmp_path: Path) -> None:
+    extra = (
+        'architecture = "arch:Tiny"\ndevice = "cpu"\ncompile = true\n'
+        "[architecture_kwargs]\nwidth = 3"
+    )
+    folder = model_dir(tmp_path, "safetensors", extra)
+    (folder / "arch.py").write_text(ARCH)
+    reference = Tiny().eval()
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
+    check(folder, reference)  # compiled at the warm-up, then batches of another size
+    (folder / "model.toml").write_text(TOML.format(format="torchscript", extra="compile = true"))
+    from ember.server.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="compile = true needs format"):
+        load_model_config(folder)
