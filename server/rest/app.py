@@ -16,19 +16,10 @@ from ember.server import triton_metrics
 from ember.server.codecs import v2
 from ember.server.dataplane import DataPlane
 from ember.server.errors import EmberError, InvalidInput, Unimplemented
+from ember.server.metadata import EXTENSIONS, SERVER_NAME, SERVER_VERSION
 from ember.server.rest.errors import ember_error_response, error_response
 from ember.server.rest.front import InferFront
 from ember.server.rest.infer import InferEndpoints
-
-SERVER_NAME = "ember"
-SERVER_VERSION = "0.1.0"
-EXTENSIONS = [
-    "binary_tensor_data",
-    "model_configuration",
-    "model_repository",
-    "model_repository(unload_dependents)",
-    "statistics",
-]
 
 _JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 
@@ -77,7 +68,9 @@ def build_routes(dataplane: DataPlane) -> FastAPI:
 
     @app.get("/v2")
     async def server_metadata() -> Response:
-        return _json({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
+        return _json(
+            {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)}
+        )
 
     # --- KServe V1 ----------------------------------------------------------------------
     @app.get("/v1/models")

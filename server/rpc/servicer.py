@@ -15,7 +15,7 @@ from tritonclient.grpc import service_pb2 as pb
 from ember.server.codecs.v2 import model_metadata
 from ember.server.dataplane import DataPlane
 from ember.server.errors import EmberError, ModelFailed
-from ember.server.rest.app import EXTENSIONS, SERVER_NAME, SERVER_VERSION
+from ember.server.metadata import EXTENSIONS, SERVER_NAME, SERVER_VERSION
 from ember.server.rpc import codec
 from ember.server.rpc.errors import GRPC_STATUS
 from ember.server.rpc.wire import ParsedInferRequest, RawInferResponse, RawStreamResponse
