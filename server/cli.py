@@ -17,6 +17,14 @@ def _parser() -> argparse.ArgumentParser:
     from ember.server.bench.cli import add_bench_arguments
 
     add_bench_arguments(bench)
+    from ember.server.storage.cli import add_cache_arguments, add_pull_arguments
+
+    pull = sub.add_parser(
+        "pull", help="fetch a model (s3://, https://) into the node cache or a folder"
+    )
+    add_pull_arguments(pull)
+    cache = sub.add_parser("cache", help="list or prune the node cache")
+    add_cache_arguments(cache)
     return parser
 
 
@@ -31,6 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         from ember.server.bench.cli import run_bench
 
         return run_bench(args)
+    if args.command == "pull":
+        from ember.server.storage.cli import run_pull
+
+        return run_pull(args)
+    if args.command == "cache":
+        from ember.server.storage.cli import run_cache
+
+        return run_cache(args)
     return 2
 
 
