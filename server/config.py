@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -192,19 +193,31 @@ class ModelConfig(_Strict):
         return configured or self.max_batch_size
 
     def weights_path(self, model_dir: Path) -> Path | None:
-        """The local weights file; None for python models without storage."""
+        """The local weights file; None for python models without storage and for remote
+        storage URIs."""
         if self.storage_uri is None:
             default = DEFAULT_WEIGHTS.get(self.format)
             return None if default is None else model_dir / default
         uri = self.storage_uri
         if uri.startswith("file://"):
             return Path(uri.removeprefix("file://"))
+        if uri.lower().startswith(("s3://", "http://", "https://")):
+            return None  # fetched through the node cache when the model loads
         if "://" in uri:
             raise ConfigError(
                 f"{model_dir / 'model.toml'}: storage_uri: scheme of '{uri}' is not supported "
-                "(a relative path or file:// only)"
+                "(a relative path, file://, s3:// or https://)"
             )
-        return (model_dir / uri).resolve()
+        # Checked on the path as written, not resolved: a model folder of links (a cached
+        # copy of a remote folder) points outside itself by design.
+        folder = Path(os.path.normpath(model_dir.absolute()))
+        path = Path(os.path.normpath(folder / uri))
+        if not path.is_relative_to(folder):
+            raise ConfigError(
+                f"{model_dir / 'model.toml'}: storage_uri: '{uri}' leaves the model folder "
+                "(use file:// for an absolute path)"
+            )
+        return path
 
 
 def _describe(error: ValidationError, file: Path) -> str:

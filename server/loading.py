@@ -21,6 +21,8 @@ from ember.server.config import ModelConfig, TensorSpec
 from ember.server.datatypes import numpy_dtype
 from ember.server.errors import ConfigError
 from ember.server.runners import PythonRunner, Runner, TorchRunner
+from ember.server.storage import fetch
+from ember.server.storage.errors import StorageError
 
 
 class LoadError(Exception):
@@ -65,15 +67,22 @@ def import_object(path: str, model_dir: Path) -> Any:
         raise LoadError(f"{module_name} has no attribute '{attr}'") from None
 
 
-def _weights(config: ModelConfig, model_dir: Path) -> Path:
+def _weights(config: ModelConfig, model_dir: Path) -> tuple[Path, str]:
+    """The local weights file and the name that tells its format (remote: via the node cache)."""
+    uri = config.storage_uri
+    if uri is not None and fetch.is_remote(uri):
+        try:
+            return fetch.fetch_file(uri)
+        except (StorageError, ValueError) as exc:
+            raise LoadError(str(exc)) from None
     path = config.weights_path(model_dir)
     if path is None or not path.is_file():
         raise LoadError(f"weights file {path} does not exist")
-    return path
+    return path, path.name
 
 
-def _load_state_dict(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
+def _load_state_dict(path: Path, name: str, device: torch.device) -> dict[str, torch.Tensor]:
+    if name.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         return load_file(str(path), device=str(device))
@@ -90,7 +99,7 @@ def build_runner(config: ModelConfig, model_dir: Path, device: torch.device) -> 
         cls = import_object(config.class_, model_dir)
         instance = cls(model_dir=model_dir, device=device, **config.kwargs)
         return PythonRunner(instance)
-    path = _weights(config, model_dir)
+    path, name = _weights(config, model_dir)
     module: Any
     if config.format == "torchscript":
         with warnings.catch_warnings():
@@ -107,7 +116,7 @@ def build_runner(config: ModelConfig, model_dir: Path, device: torch.device) -> 
         # Built on the meta device and given the loaded tensors: no second copy of the weights.
         with torch.device("meta"):
             module = cls(**config.architecture_kwargs)
-        state = _load_state_dict(path, device)
+        state = _load_state_dict(path, name, device)
         module.load_state_dict(state, strict=True, assign=True)
         module.eval()
     if config.dtype != "float32" and isinstance(module, torch.nn.Module):

@@ -25,6 +25,8 @@ from ember.server.repository import ModelRepository
 from ember.server.rest.app import build_app
 from ember.server.rpc.server import build_server
 from ember.server.settings import ServeSettings
+from ember.server.storage import fetch
+from ember.server.storage.errors import StorageError
 
 log = logging.getLogger("ember.server")
 
@@ -40,10 +42,17 @@ class _Server(uvicorn.Server):
 def resolve_models(settings: ServeSettings) -> list[tuple[ModelConfig, Path]]:
     """The models to serve, validated; raises ConfigError with one line."""
     if settings.model_dir is not None:
-        uri = str(settings.model_dir)
-        if "://" in uri and not uri.startswith("file://"):
-            raise ConfigError(f"model location '{uri}': only local folders are supported so far")
-        model_dir = Path(uri.removeprefix("file://"))
+        uri = settings.model_dir
+        if fetch.is_remote(uri):
+            # KServe's STORAGE_URI with no storage initializer in front: fetch it ourselves.
+            try:
+                model_dir = fetch.fetch_folder(uri)
+            except StorageError as exc:
+                raise ConfigError(str(exc)) from None
+        elif "://" in uri and not uri.startswith("file://"):
+            raise ConfigError(f"model location '{uri}': unsupported scheme")
+        else:
+            model_dir = Path(uri.removeprefix("file://"))
         models = [(load_model_config(model_dir, settings.model_name), model_dir)]
     else:
         models = discover(settings.model_repository, list(settings.models) or None)

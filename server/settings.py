@@ -13,7 +13,7 @@ class ServeSettings:
     model_repository: Path = Path("models")
     models: tuple[str, ...] = ()
     # KServe's single-model form: a model folder (as the storage initializer leaves /mnt/models).
-    model_dir: Path | None = None
+    model_dir: str | None = None  # a folder, file://, s3:// or https://
     model_name: str | None = None
     host: str = "0.0.0.0"
     http_port: int = 8080
@@ -164,7 +164,7 @@ def settings_from(args: argparse.Namespace, env: dict[str, str] | None = None) -
     return ServeSettings(
         model_repository=args.model_repository or Path("models"),
         models=tuple(args.models),
-        model_dir=Path(model_dir) if model_dir else None,
+        model_dir=model_dir or None,
         model_name=args.model_name,
         host=args.host,
         http_port=port,

@@ -100,13 +100,19 @@ def test_duplicate_names_are_rejected(tmp_path: Path) -> None:
         discover(tmp_path)
 
 
-def test_remote_storage_uri_is_refused_until_supported(tmp_path: Path) -> None:
-    folder = write(
-        tmp_path / "m", GOOD.replace('name = "m"', 'name = "m"\nstorage_uri = "s3://b/k"')
-    )
-    config = load_model_config(folder)
-    with pytest.raises(ConfigError, match="storage_uri"):
-        config.weights_path(folder)
+def test_storage_uri_kinds(tmp_path: Path) -> None:
+    def weights(uri: str) -> Path | None:
+        extra = f'name = "m"\nstorage_uri = "{uri}"'
+        folder = write(tmp_path / "m", GOOD.replace('name = "m"', extra))
+        return load_model_config(folder).weights_path(folder)
+
+    assert weights("s3://b/k.pt") is None  # fetched through the node cache at load
+    assert weights("https://host/k.pt") is None
+    assert weights("sub/w.pt") == tmp_path / "m" / "sub" / "w.pt"
+    assert weights("file:///abs/w.pt") == Path("/abs/w.pt")
+    for bad, fragment in [("../../w.pt", "leaves the model folder"), ("gs://b/k", "scheme")]:
+        with pytest.raises(ConfigError, match=fragment):
+            weights(bad)
 
 
 def test_the_example_repository_is_valid() -> None:

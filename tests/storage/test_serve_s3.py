@@ -1,0 +1,174 @@
+"""`ember serve` with weights or a whole model folder on S3 answers exactly as from disk."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+Spawn = Callable[[list[str], dict[str, str]], "subprocess.Popen[str]"]
+
+ARCH = """
+import torch
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+"""
+
+TOML = """
+name = "tiny"
+format = "safetensors"
+architecture = "arch:Tiny"
+storage_uri = "{uri}"
+device = "cpu"
+
+[[inputs]]
+name = "x"
+datatype = "FP32"
+shape = [-1, 4]
+
+[[outputs]]
+name = "y"
+datatype = "FP32"
+shape = [-1, 3]
+"""
+
+BODY = json.dumps(
+    {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": list(range(8))}]}
+).encode()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def serve(spawn_ember: Spawn) -> Iterator[Callable[..., tuple[str, subprocess.Popen[str]]]]:
+    started: list[subprocess.Popen[str]] = []
+
+    def start(args: list[str], env: dict[str, str], wait: bool = True) -> tuple[str, Any]:
+        port = free_port()
+        argv = ["serve", *args, "--host", "127.0.0.1", "--http_port", str(port),
+                "--grpc_port", str(free_port())]  # fmt: skip
+        process = spawn_ember(argv, env)
+        started.append(process)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while wait:
+            if process.poll() is not None:
+                pytest.fail(f"ember serve exited {process.returncode}: {process.stderr.read()}")
+            try:
+                with urllib.request.urlopen(url + "/v2/health/ready", timeout=1) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("ember serve did not become ready")
+            time.sleep(0.1)
+        return url, process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def infer(url: str, model: str, body: bytes) -> Any:
+    request = urllib.request.Request(f"{url}/v2/models/{model}/infer", data=body)
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read())["outputs"]
+
+
+def tiny_folder(root: Path, uri: str) -> Path:
+    folder = root / "tiny"
+    folder.mkdir(parents=True)
+    (folder / "arch.py").write_text(ARCH)
+    (folder / "model.toml").write_text(TOML.format(uri=uri))
+    return folder
+
+
+def test_weights_from_s3_answer_as_from_disk(rclone: Any, serve: Any, tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(4, 3)
+    state = {f"linear.{k}": v.contiguous() for k, v in linear.state_dict().items()}
+    local = tiny_folder(tmp_path / "local", "weights.safetensors")
+    save_file(state, str(local / "weights.safetensors"))
+    bucket = rclone.new_bucket()
+    rclone.put(bucket, "w/tiny.safetensors", (local / "weights.safetensors").read_bytes())
+    remote = tiny_folder(tmp_path / "remote", f"s3://{bucket}/w/tiny.safetensors")
+    env = rclone.env(EMBER_CACHE_DIR=str(tmp_path / "cache"))
+
+    local_url, _ = serve(["--model-repository", str(local.parent)], env)
+    remote_url, _ = serve(["--model-repository", str(remote.parent)], env)
+    assert infer(remote_url, "tiny", BODY) == infer(local_url, "tiny", BODY)
+
+
+def test_kserve_storage_uri_prefix_serves_the_folder(
+    rclone: Any, serve: Any, tmp_path: Path
+) -> None:
+    bucket = rclone.new_bucket()
+    mlp = ROOT / "models" / "mlp"
+    for name in ("model.toml", "model.pt"):
+        rclone.put(bucket, f"isvc/mlp/{name}", (mlp / name).read_bytes())
+    env = rclone.env(
+        EMBER_CACHE_DIR=str(tmp_path / "cache"), STORAGE_URI=f"s3://{bucket}/isvc/mlp/"
+    )
+    remote_url, _ = serve(["--model_name", "mlp"], env)
+    local_url, _ = serve(["--model-repository", str(ROOT / "models"), "--model", "mlp"], env)
+    body = json.dumps(
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 784],
+                     "data": [0.01 * (i % 7) for i in range(784)]}]}
+    ).encode()  # fmt: skip
+    assert infer(remote_url, "mlp", body) == infer(local_url, "mlp", body)
+
+
+def test_missing_weights_object_is_one_clear_line(rclone: Any, serve: Any, tmp_path: Path) -> None:
+    bucket = rclone.new_bucket()
+    remote = tiny_folder(tmp_path / "remote", f"s3://{bucket}/nope.safetensors")
+    cache = tmp_path / "cache"
+    _, process = serve(
+        ["--model-repository", str(remote.parent)], rclone.env(EMBER_CACHE_DIR=str(cache)),
+        wait=False,
+    )  # fmt: skip
+    assert process.wait(60) != 0
+    errors = [line for line in process.stderr.read().splitlines() if '"level":"error"' in line]
+    assert len(errors) == 1, errors
+    assert bucket in errors[0] and "nope.safetensors" in errors[0]
+    assert "Traceback" not in errors[0]
+    assert not [p for p in cache.rglob("*") if p.is_file() and p.suffix == ".data"]
+
+
+def test_storage_uri_may_not_leave_the_model_folder(serve: Any, tmp_path: Path) -> None:
+    folder = tiny_folder(tmp_path / "repo", "../../etc/passwd")
+    shutil.copy(ROOT / "models" / "mlp" / "make_mlp.py", folder / "unused.py")
+    _, process = serve(["--model-repository", str(folder.parent)], {}, wait=False)
+    assert process.wait(60) != 0
+    assert "leaves the model folder" in process.stderr.read()
