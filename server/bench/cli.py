@@ -7,13 +7,19 @@ imports nothing heavy; the bench itself (`run.py`) is imported when the bench ru
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
+from ember.server.bench.cpus import parse_cpu_list
 from ember.server.bench.options import (
+    COMPARE_FLAGS,
     DEFAULT_COPY_SECONDS,
     DEFAULT_FLOOR_SECONDS,
+    DEFAULT_RETRY_AFTER_CAP,
+    PRIMARY,
     TRANSPORTS,
     BenchOptions,
+    torch_threads,
 )
 
 # The names in `protocols.PROTOCOLS`, repeated so that building the parser imports no
@@ -95,14 +101,40 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def _threads(text: str) -> int:
+def cpu_list(text: str) -> tuple[int, ...]:
+    """`0`, `0-2,5` -> (0,), (0, 1, 2, 5): taskset's CPU list format."""
+    try:
+        return parse_cpu_list(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def factor(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value >= 1:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected a factor >= 1, got {text!r}")
+    return value
+
+
+def _count(what: str, text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a thread count >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what} >= 1, got {text!r}")
     return value
+
+
+def _threads(text: str) -> int:
+    return _count("a thread count", text)
+
+
+def _queue_size(text: str) -> int:
+    return _count("a queue size", text)
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -239,6 +271,55 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--seed", type=int, default=0, help="seed of the request data (default 0)")
     add("--json", type=Path, default=None, metavar="PATH", help="write every number here")
+    add(
+        "--serve-cpus",
+        dest="serve_cpus",
+        type=cpu_list,
+        default=None,
+        metavar="LIST",
+        help="--serve: pin the server to these CPUs (taskset -c LIST, e.g. 0 or 0-3) and this "
+        "bench to the others; the raw forward runs on the server's CPUs with one torch "
+        "thread per CPU (unless --torch-threads), so it is the ceiling of that core",
+    )
+    add(
+        "--compare",
+        choices=tuple(COMPARE_FLAGS),
+        default=None,
+        help=f"--serve: also measure a second server, started after the first is stopped "
+        f"(so the two never share a core), with the same levels; rows are labelled "
+        f"'{PRIMARY}' and the name given",
+    )
+    add(
+        "--overload",
+        type=factor,
+        default=None,
+        metavar="F",
+        help="after the levels, one closed-loop level of F x the largest concurrency over the "
+        "first HTTP protocol, where each client that gets 429 waits the Retry-After "
+        "(capped) before its next request: goodput, refusals and their latency",
+    )
+    add(
+        "--retry-after-cap",
+        type=_positive_seconds,
+        default=DEFAULT_RETRY_AFTER_CAP,
+        metavar="S",
+        help="the longest an overload client waits after a 429 (default %(default)g s)",
+    )
+    add(
+        "--queue-size",
+        type=_queue_size,
+        default=None,
+        metavar="N",
+        help="--serve: serve a copy of the model (in a temporary folder, weights linked) with "
+        "[batching] max_queue_size = N, so the overload level meets a queue it can fill",
+    )
+    add(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="write a PNG of rows/s and p99 against concurrency (needs matplotlib)",
+    )
 
 
 def options_from(args: argparse.Namespace) -> BenchOptions:
@@ -260,10 +341,19 @@ def options_from(args: argparse.Namespace) -> BenchOptions:
         floor_seconds=floor, raw_seconds=args.raw_seconds, copy_seconds=copy,
         torch_threads=args.torch_threads, timeout=args.timeout,
         ready_timeout=args.ready_timeout, seed=args.seed, json=args.json,
+        serve_cpus=args.serve_cpus, compare=args.compare, overload=args.overload,
+        retry_after_cap=args.retry_after_cap, queue_size=args.queue_size, plot=args.plot,
     )  # fmt: skip
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    options = options_from(args)
+    serve_cpus = len(options.serve_cpus) if options.serve_cpus else None
+    threads = torch_threads(options.torch_threads, options.serve, os.cpu_count(), serve_cpus)
+    if threads is not None:
+        # Before torch is imported: OpenMP sizes its pool (and each new thread's default) by
+        # this variable, else by every CPU; the server gets the same (`run._start`).
+        os.environ["OMP_NUM_THREADS"] = str(threads)
     from ember.server.bench.run import execute
 
-    return execute(options_from(args))
+    return execute(options)

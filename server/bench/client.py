@@ -1,11 +1,14 @@
-"""The HTTP side of the load: one aiohttp session, and so one keep-alive connection, per worker.
+"""The HTTP side of the load: one keep-alive connection per worker.
 
-Everything a request needs (URL, headers, body) is built once; a request in the loop only
+Everything a request needs (URL, headers, body) is encoded once; a request in the loop only
 sends bytes and reads the answer, so the client adds as little as it can to what is measured.
+The loop's workers use the lean client of `rawhttp`; the checks before the load (`fetch`) use
+aiohttp, a full client, so a server that only works with the lean one is caught.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -13,7 +16,11 @@ from dataclasses import dataclass, field
 import aiohttp
 from yarl import URL
 
-from ember.server.bench.load import Call
+from ember.server.bench.load import Call, RetryCall
+from ember.server.bench.rawhttp import Client, encode_request
+
+# The status an overloaded server refuses with (Triton, KServe: a full queue).
+TOO_MANY_REQUESTS = 429
 
 
 class BadStatus(Exception):
@@ -65,19 +72,60 @@ async def http_worker(
     base_url: str, request: HttpRequest, timeout: float, verify: Verify | None = None
 ) -> AsyncIterator[Call]:
     """A worker with its own connection, yielding a call that sends `request` once and, with
-    `verify`, checks each 200 answer."""
-    # A pre-built, already-encoded URL: aiohttp does not parse it again on every request.
-    url = URL(base_url.rstrip("/") + request.path, encoded=True)
-    async with _session(timeout, connections=1) as session:
+    `verify`, checks each 200 answer. The loop's client is `rawhttp` (see there for why)."""
+    wire = encode_request(request.method, base_url, request.path, request.body, request.headers)
+    client = Client(base_url, timeout)
+    try:
 
         async def call() -> None:
-            status, headers, payload = await _send(session, url, request)
-            if status != 200:
-                raise BadStatus(f"HTTP {status}: {payload[:200].decode(errors='replace')}")
+            answer = await client.send(wire)
+            if answer.status != 200:
+                text = answer.body[:200].decode(errors="replace")
+                raise BadStatus(f"HTTP {answer.status}: {text}")
             if verify is not None:
-                verify(headers, payload)
+                verify(answer.headers, answer.body)
 
         yield call
+    finally:
+        client.close()
+
+
+def retry_after_seconds(value: str | None) -> float:
+    """Seconds a Retry-After header asks for; infinity when it is absent or not a number of
+    seconds (an HTTP date, say), so that the caller's cap decides."""
+    if value is None:
+        return math.inf
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return math.inf
+    return seconds if seconds >= 0 and math.isfinite(seconds) else math.inf
+
+
+@asynccontextmanager
+async def http_retry_worker(
+    base_url: str, request: HttpRequest, timeout: float, verify: Verify | None = None
+) -> AsyncIterator[RetryCall]:
+    """Like `http_worker`, for the overload level: a 429 is an answer, not a failure; the
+    call returns its Retry-After in seconds (None for a 200)."""
+    wire = encode_request(request.method, base_url, request.path, request.body, request.headers)
+    client = Client(base_url, timeout)
+    try:
+
+        async def call() -> float | None:
+            answer = await client.send(wire)
+            if answer.status == TOO_MANY_REQUESTS:
+                return retry_after_seconds(answer.headers.get("Retry-After"))
+            if answer.status != 200:
+                text = answer.body[:200].decode(errors="replace")
+                raise BadStatus(f"HTTP {answer.status}: {text}")
+            if verify is not None:
+                verify(answer.headers, answer.body)
+            return None
+
+        yield call
+    finally:
+        client.close()
 
 
 async def fetch(

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
 import socket
+from collections.abc import Collection
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from types import TracebackType
@@ -50,7 +52,11 @@ async def _serve(sock: socket.socket, ready: Connection) -> None:
         await server.serve_forever()
 
 
-def _main(ready: Connection) -> None:
+def _main(ready: Connection, cpus: tuple[int, ...] | None) -> None:
+    if cpus is not None:
+        # On the server's CPUs: the client then meets the floor from where it meets the
+        # server, and the client's own core holds only the client.
+        os.sched_setaffinity(0, cpus)
     # The child binds port 0 itself and reports the port: no race for a port picked earlier.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
@@ -64,16 +70,20 @@ def _main(ready: Connection) -> None:
 
 
 class EchoServer:
-    """A canned-answer server in a child process (spawned: no torch state is inherited)."""
+    """A canned-answer server in a child process (spawned: no torch state is inherited),
+    on `cpus` when given."""
 
-    def __init__(self) -> None:
+    def __init__(self, cpus: Collection[int] | None = None) -> None:
         self.url = ""
+        self._cpus = None if cpus is None else tuple(sorted(cpus))
         self._process: BaseProcess | None = None
 
     def __enter__(self) -> EchoServer:
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe(duplex=False)
-        process = context.Process(target=_main, args=(child,), name="ember-bench-echo", daemon=True)
+        process = context.Process(
+            target=_main, args=(child, self._cpus), name="ember-bench-echo", daemon=True
+        )
         process.start()
         self._process = process
         child.close()

@@ -12,10 +12,12 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from ember.server.bench.cpus import format_cpu_list
 from ember.server.bench.errors import BenchError
 
 POLL_SECONDS = 0.05
@@ -37,13 +39,30 @@ def ember_executable() -> str:
     return found
 
 
+def taskset_executable() -> str:
+    found = shutil.which("taskset")
+    if found is None:
+        raise BenchError("--serve-cpus needs `taskset` (util-linux) on PATH")
+    return found
+
+
 class ServerProcess:
     """One `ember serve` child: started by `start()`, stopped (SIGTERM, then SIGKILL) on exit."""
 
-    def __init__(self, repository: Path, model: str, *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        repository: Path,
+        model: str,
+        *,
+        env: dict[str, str] | None = None,
+        cpus: Collection[int] | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.repository = repository
         self.model = model
         self.env = env
+        self.cpus = None if cpus is None else tuple(sorted(cpus))
+        self.extra_args = tuple(extra_args)
         self.host = "127.0.0.1"
         self.port = 0
         self.grpc_port = 0
@@ -75,8 +94,12 @@ class ServerProcess:
             "--model", self.model, "--host", self.host, "--http_port", str(self.port),
             "--grpc_port", str(self.grpc_port),
             # Warnings only: a log line per request would be measured as server time.
-            "--log-level", "warning", "--drain-seconds", "5",
+            "--log-level", "warning", "--drain-seconds", "5", *self.extra_args,
         ]  # fmt: skip
+        if self.cpus is not None:
+            # taskset, so `ps` shows the pinning as a person would have typed it; the server
+            # sizes its torch pool by the CPUs it may use unless --torch-threads says.
+            argv = [taskset_executable(), "-c", format_cpu_list(self.cpus), *argv]
         self._process = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,

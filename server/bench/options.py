@@ -18,6 +18,12 @@ DEFAULT_GRPC_PORT = 8081
 # nothing heavy.
 TRANSPORTS = {"v2-json": "http", "v2-binary": "http", "grpc": "grpc"}
 
+# `--compare`: a second server measured in the same run, and the `ember serve` flags that make
+# it. Its rows are labelled with the name, the first server's with `PRIMARY`.
+COMPARE_FLAGS = {"no-batching": ("--no-batching",)}
+PRIMARY = "batching"
+DEFAULT_RETRY_AFTER_CAP = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class BenchOptions:
@@ -41,10 +47,43 @@ class BenchOptions:
     ready_timeout: float = 120.0
     seed: int = 0
     json: Path | None = None
+    # --serve: the server's CPUs (taskset -c); the bench takes the others. None: unpinned.
+    serve_cpus: tuple[int, ...] | None = None
+    compare: str | None = None  # a name in COMPARE_FLAGS
+    overload: float | None = None  # x the largest concurrency; None: no overload level
+    retry_after_cap: float = DEFAULT_RETRY_AFTER_CAP
+    queue_size: int | None = None  # --serve: the model's max_queue_size, in a copy of it
+    plot: Path | None = None
+
+    @property
+    def overload_concurrency(self) -> int | None:
+        if self.overload is None:
+            return None
+        return max(1, round(self.overload * max(self.concurrency)))
 
 
-def torch_threads(requested: int | None, serve: bool, cpus: int | None) -> int | None:
+def problems(options: BenchOptions) -> list[str]:
+    """What makes a combination of options unusable (each flag alone parsed fine)."""
+    found = []
+    for flag, value in (("--serve-cpus", options.serve_cpus), ("--compare", options.compare),
+                        ("--queue-size", options.queue_size)):  # fmt: skip
+        if value is not None and not options.serve:
+            found.append(f"{flag} needs --serve (the bench starts the servers it configures)")
+    if options.overload is not None and all(TRANSPORTS[p] != "http" for p in options.protocols):
+        found.append(
+            "--overload needs an HTTP protocol (v2-json or v2-binary): gRPC refusals carry "
+            "no Retry-After to wait on"
+        )
+    return found
+
+
+def torch_threads(
+    requested: int | None, serve: bool, cpus: int | None, serve_cpus: int | None = None
+) -> int | None:
     """Torch intra-op threads for the raw forward and a --serve server; None: torch's default.
+
+    With --serve-cpus, one thread per server CPU: what `ember serve` itself picks under
+    `taskset` (the CPUs it may use), and what the raw forward, run on the same CPUs, uses.
 
     With --serve the server and this client share the machine, so by default the server's
     torch gets half the cores and the client loop keeps the rest: an intra-op pool over every
@@ -54,6 +93,8 @@ def torch_threads(requested: int | None, serve: bool, cpus: int | None) -> int |
     """
     if requested is not None:
         return requested
+    if serve and serve_cpus:
+        return serve_cpus
     if serve:
         return max(1, (cpus or 1) // 2)
     return None

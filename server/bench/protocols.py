@@ -17,12 +17,21 @@ import aiohttp
 import numpy as np
 import orjson
 
-from ember.server.bench.client import BadAnswer, HttpRequest, fetch, http_worker
+from ember.server.bench.client import (
+    BadAnswer,
+    HttpRequest,
+    fetch,
+    http_retry_worker,
+    http_worker,
+)
 from ember.server.bench.errors import BenchError
-from ember.server.bench.load import OpenWorker
+from ember.server.bench.load import OpenRetryWorker, OpenWorker
 from ember.server.bench.payload import Payload, raw_bytes, tensor_bytes
 
-__all__ = ["PROTOCOLS", "BenchError", "LoadProtocol", "V2Binary", "V2Json"]
+__all__ = [
+    "PROTOCOLS", "BenchError", "LoadProtocol", "RetryingProtocol", "V2Binary", "V2Json",
+    "retrying",
+]  # fmt: skip
 
 # Triton's binary tensor extension: the JSON part's length, on requests and answers alike.
 BINARY_HEADER = "Inference-Header-Content-Length"
@@ -150,6 +159,10 @@ class V2Json:
     def live(self, address: str) -> OpenWorker:
         return lambda: http_worker(address, HttpRequest("GET", "/v2/health/live"), self.timeout)
 
+    def overload(self, address: str) -> OpenRetryWorker:
+        """Workers for the overload level: a 429 is answered with its Retry-After."""
+        return lambda: http_retry_worker(address, self.infer_request, self.timeout)
+
     async def check(self, address: str) -> int:
         """One request before the load: the model answers 200 with its declared outputs."""
         _, body = await _fetch_checked(address, self.infer_request, self.model, self.timeout)
@@ -257,6 +270,9 @@ class V2Binary:
     def live(self, address: str) -> OpenWorker:
         return lambda: http_worker(address, HttpRequest("GET", "/v2/health/live"), self.timeout)
 
+    def overload(self, address: str) -> OpenRetryWorker:
+        return lambda: http_retry_worker(address, self.infer_request, self.timeout, _verify_binary)
+
     async def check(self, address: str) -> int:
         headers, body = await _fetch_checked(address, self.infer_request, self.model, self.timeout)
         try:
@@ -272,6 +288,17 @@ def _grpc(payload: Payload, timeout: float) -> LoadProtocol:
     from ember.server.bench.grpc_load import GrpcInfer
 
     return GrpcInfer.create(payload, timeout)
+
+
+class RetryingProtocol(LoadProtocol, Protocol):
+    """A protocol the overload level can use: one whose refusals carry a Retry-After (HTTP;
+    gRPC's RESOURCE_EXHAUSTED carries no wait, so it is not one)."""
+
+    def overload(self, address: str) -> OpenRetryWorker: ...
+
+
+def retrying(protocol: LoadProtocol) -> RetryingProtocol | None:
+    return protocol if isinstance(protocol, V2Json | V2Binary) else None
 
 
 ProtocolFactory = Callable[[Payload, float], LoadProtocol]

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from ember.server import loading
-from ember.server.bench.load import Clock
+from ember.server.bench.load import Clock, RawRate, raw_rate
+
+__all__ = ["RawRate", "batched", "configure_threads", "load_model", "raw_rate", "time_forward"]
 from ember.server.config import ModelConfig, discover
 from ember.server.runners import Runner
 
@@ -45,6 +47,11 @@ def _forward(runner: Runner, inputs: dict[str, np.ndarray]) -> None:
 def _timed_loop(
     runner: Runner, inputs: dict[str, np.ndarray], seconds: float, clock: Clock
 ) -> list[float]:
+    # OpenMP's thread count is per thread: a new thread starts from the process default
+    # (every CPU the process could use when it started), not from what `configure_threads`
+    # set on the main thread. Pinned to one core, a batch > 1 then ran on 2 OpenMP threads
+    # that spin against each other: 24 ms a forward instead of 0.4 ms.
+    torch.set_num_threads(torch.get_num_threads())
     for _ in range(WARMUP_CALLS):
         _forward(runner, inputs)
     latencies = []
@@ -71,3 +78,11 @@ def time_forward(
     """
     with ThreadPoolExecutor(1, thread_name_prefix="ember-bench-raw") as pool:
         return pool.submit(_timed_loop, runner, inputs, seconds, clock).result()
+
+
+def batched(inputs: dict[str, np.ndarray], requests: int) -> dict[str, np.ndarray]:
+    """`requests` copies of one request's inputs, stacked along the batch dimension: what the
+    server's batcher hands the model when it merges that many of them."""
+    if requests < 1:
+        raise ValueError(f"a batch holds at least one request, got {requests}")
+    return {name: np.concatenate([array] * requests, axis=0) for name, array in inputs.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -88,3 +89,82 @@ def test_bench_serve_identity_compares_protocols(tmp_path: Path) -> None:
     assert match, done.stderr
     with pytest.raises(ProcessLookupError):
         os.kill(int(match.group(1)), 0)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pins the server to one CPU")
+def test_bench_pinned_compare_and_overload(tmp_path: Path) -> None:
+    """The batching issue's bench, short: the server pinned to CPU 0, a second server without
+    batching, the raw forward at the batch sizes seen, an overload level with capped waits."""
+    out = tmp_path / "bench.json"
+    argv = [ember(), "bench", "--serve", "--serve-cpus", "0", "--model", "mlp",
+            "--compare", "no-batching", "--overload", "2", "--retry-after-cap", "0.2",
+            # A queue as long as the largest level: the levels are never refused, the
+            # overload level (8 clients) may be.
+            "--queue-size", "4", "--concurrency", "1,4", "--duration", "1",
+            "--warmup", "0.3", "--floor-duration", "0.3", "--raw-seconds", "0.3",
+            "--json", str(out)]  # fmt: skip
+    plot = importlib.util.find_spec("matplotlib") is not None
+    if plot:
+        argv += ["--plot", str(tmp_path / "bench.png")]
+    done = subprocess.run(
+        argv, cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "rows/fwd" in done.stdout and "targets" in done.stdout
+
+    doc = json.loads(out.read_text())
+    servers = {s["label"]: s for s in doc["servers"]}
+    assert list(servers) == ["batching", "no-batching"]
+    assert all(s["cpus_allowed"] == "0" and s["torch_threads"] == 1 for s in servers.values())
+    assert servers["no-batching"]["flags"][0] == "--no-batching"
+    levels = {(lv["server"], lv["concurrency"]): lv for lv in doc["levels"]}
+    assert set(levels) == {(s, c) for s in servers for c in (1, 4)}
+    for key, level in levels.items():
+        assert level["errors"] == 0 and level["rows_per_s"] > 0, key
+        # The batch sizes the server ran in the window, from its statistics.
+        assert level["batches"] and level["mean_batch"] >= 1, key
+        assert level["client_cpu"] > 0 and level["server_cpu"] > 0, key
+    assert set(levels["no-batching", 4]["batches"]) == {"1"}  # one request per forward
+    assert levels["batching", 4]["over_compared"] > 0
+    raw = {r["batch"]: r for r in doc["raw_forwards"]}
+    assert {1, 4} <= set(raw) and all(r["rows_per_s"] > 0 for r in raw.values())
+    assert levels["batching", 4]["of_raw_at_concurrency"] > 0
+    overload = doc["overload"]
+    assert overload["concurrency"] == 8 and overload["errors"] == 0
+    assert overload["goodput"] > 0 and overload["goodput_of_peak"] > 0
+    assert overload["rejected"] >= 0 and overload["retry_after_cap_s"] == 0.2
+    assert doc["client_check"]["busiest"]["client_cores"] >= 1
+    assert {t["name"].split(":")[0] for t in doc["targets"]} >= {"v2-json c=4"}
+    if plot:
+        assert (tmp_path / "bench.png").stat().st_size > 1000
+    pids = [int(p) for p in re.findall(r"started ember serve \(\S+\) \(pid (\d+)\)", done.stderr)]
+    assert len(pids) == 2, done.stderr
+    assert all(_gone(pid) for pid in pids)
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pins the server to one CPU")
+def test_gpu_check_runs_on_the_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "gpu_check.json"
+    done = subprocess.run(
+        [sys.executable, "loadtests/gpu_check.py", "--device", "cpu", "--quick",
+         "--json", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "served no-batching" in done.stdout and "CUDA graphs" in done.stdout
+    assert "pageable" in done.stdout
+    doc = json.loads(out.read_text())
+    assert [m["batch"] for m in doc["outputs_match"]] == [1, 7, 64]
+    assert all(m["ok"] for m in doc["outputs_match"])
+    assert all(r["cuda_graphs"] == "n/a" for r in doc["throughput"])
+    assert all(r["batching_rows_per_s"] > 0 for r in doc["throughput"])

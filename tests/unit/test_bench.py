@@ -5,19 +5,63 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime
-from collections.abc import AsyncIterator
+import io
+import math
+import os
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
 import orjson
 import pytest
+from tritonclient.grpc import service_pb2
 
-from ember.server.bench import cli, grpc_load, memcopy, report
-from ember.server.bench.client import BadAnswer
-from ember.server.bench.load import Call, OpenWorker, Stats, percentiles, run_level, summarize
-from ember.server.bench.options import TRANSPORTS, BenchOptions, grpc_target, torch_threads
+from ember.server.bench import (
+    cli,
+    grpc_load,
+    memcopy,
+    modelcopy,
+    observe,
+    plot,
+    rawhttp,
+    report,
+    run,
+    targets,
+)
+from ember.server.bench import cpus as bench_cpus
+from ember.server.bench.client import (
+    BadAnswer,
+    BadStatus,
+    HttpRequest,
+    http_retry_worker,
+    http_worker,
+    retry_after_seconds,
+)
+from ember.server.bench.load import (
+    Call,
+    Observed,
+    OpenRetryWorker,
+    OpenWorker,
+    OverloadStats,
+    RawRate,
+    RetryCall,
+    Stats,
+    percentiles,
+    raw_rate,
+    run_level,
+    run_overload_level,
+    summarize,
+)
+from ember.server.bench.options import (
+    TRANSPORTS,
+    BenchOptions,
+    grpc_target,
+    problems,
+    torch_threads,
+)
 from ember.server.bench.payload import (
     Payload,
     build_inputs,
@@ -36,10 +80,10 @@ from ember.server.bench.protocols import (
     read_binary_answer,
 )
 from ember.server.codecs import v2
-from ember.server.config import TensorSpec
+from ember.server.config import ModelConfig, TensorSpec, discover
 from ember.server.request import InferResponse, Tensor
 from ember.server.rest.body import split_binary_body
-from ember.server.rpc import codec
+from ember.server.rpc import codec, wire
 
 # --- percentiles and summaries -------------------------------------------------------------
 
@@ -527,10 +571,12 @@ def test_grpc_request_decodes_with_the_servers_own_codec() -> None:
 
 
 def test_grpc_response_tensor_bytes() -> None:
-    response = codec.encode_response(InferResponse("m", [
+    # The answer as the bench's channel gets it: the server's bytes, parsed by the stub's type.
+    raw = codec.encode_response(InferResponse("m", [
         Tensor("OUTPUT_FP32", "FP32", np.ones((1, 5), np.float32)),
         Tensor("OUTPUT_BOOL", "BOOL", np.ones(3, bool)),
     ], "1"))  # fmt: skip
+    response = service_pb2.ModelInferResponse.FromString(wire.serialize_infer_response(raw))
     assert grpc_load.response_tensor_bytes(response, ["OUTPUT_FP32"]) == 23
     with pytest.raises(BadAnswer, match="lacks"):
         grpc_load.response_tensor_bytes(response, ["OUTPUT_X"])
@@ -656,3 +702,593 @@ def test_time_copies_real_clock_and_sizes() -> None:
     assert memcopy.time_copies(4096, 0, seconds=0.01)
     with pytest.raises(ValueError):
         memcopy.time_copies(-1, 0, seconds=0.01)
+
+
+# --- CPU sets and CPU time ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, cpus",
+    [("0", (0,)), ("0-2,5", (0, 1, 2, 5)), (" 3 , 1", (1, 3)), ("1,1-2", (1, 2))],
+)
+def test_parse_cpu_list(text: str, cpus: tuple[int, ...]) -> None:
+    assert bench_cpus.parse_cpu_list(text) == cpus
+    assert bench_cpus.parse_cpu_list(bench_cpus.format_cpu_list(cpus)) == cpus
+
+
+@pytest.mark.parametrize("text", ["", "a", "3-1", "1-", "-1", "0,,1"])
+def test_parse_cpu_list_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        bench_cpus.parse_cpu_list(text)
+
+
+def test_format_cpu_list_folds_ranges() -> None:
+    assert bench_cpus.format_cpu_list([5, 0, 1, 2, 7, 8]) == "0-2,5,7-8"
+    assert bench_cpus.format_cpu_list([3]) == "3"
+
+
+def test_split_cpus_leaves_the_client_the_rest() -> None:
+    assert bench_cpus.split_cpus((0, 1, 2, 3), (0,)) == (1, 2, 3)
+    with pytest.raises(BenchError, match="not available"):
+        bench_cpus.split_cpus((0, 1), (2,))
+    with pytest.raises(BenchError, match="leaves no CPU"):
+        bench_cpus.split_cpus((0, 1), (0, 1))
+
+
+def test_stat_cpu_seconds_counts_fields_after_the_name() -> None:
+    # A command name with spaces and a parenthesis must not shift the fields.
+    fields = ["S"] + ["0"] * 10 + ["250", "50"] + ["0"] * 30
+    stat = "1234 (ember (bench) x) " + " ".join(fields)
+    assert bench_cpus.parse_stat_cpu_seconds(stat, 100) == pytest.approx(3.0)
+
+
+def test_machine_busy_seconds_leave_out_idle_and_iowait() -> None:
+    stat = "cpu  100 5 50 1000 40 3 2 10 7 0\ncpu0 1 1 1 1 1 1 1 1 1 1\nintr 5\n"
+    assert bench_cpus.parse_busy_seconds(stat, 100) == pytest.approx(1.70)
+    with pytest.raises(ValueError):
+        bench_cpus.parse_busy_seconds("intr 5\n", 100)
+    busy = bench_cpus.machine_busy_seconds()
+    assert busy is not None and busy > 0
+
+
+def test_cpu_time_of_this_process_is_read_from_proc() -> None:
+    seconds = bench_cpus.process_cpu_seconds(os.getpid())
+    assert seconds is not None and seconds > 0
+    assert bench_cpus.process_cpu_seconds(2**22 + 12345) is None  # no such process
+    assert bench_cpus.cpus_allowed_list(os.getpid()) == bench_cpus.format_cpu_list(
+        os.sched_getaffinity(0)
+    )
+
+
+def test_pinned_restores_the_given_set() -> None:
+    allowed = bench_cpus.allowed_cpus()
+    with bench_cpus.pinned(allowed[:1], allowed):
+        assert os.sched_getaffinity(0) == set(allowed[:1])
+    assert os.sched_getaffinity(0) == set(allowed)
+
+
+# --- the model copy with a bounded queue ----------------------------------------------------
+
+TOML = """name = "m"
+max_batch_size = 64
+
+[batching]
+max_queue_delay_us = 0
+max_queue_size = 1024  # keep this comment
+
+[[inputs]]
+name = "input"
+"""
+
+
+def test_set_queue_size_rewrites_the_one_line() -> None:
+    out = modelcopy.set_queue_size(TOML, 32)
+    assert "max_queue_size = 32  # keep this comment" in out
+    assert out.replace("32  #", "1024  #") == TOML
+
+
+def test_set_queue_size_adds_the_line_when_missing() -> None:
+    text = TOML.replace("max_queue_size = 1024  # keep this comment\n", "")
+    out = modelcopy.set_queue_size(text, 8)
+    assert "[batching]\nmax_queue_size = 8\nmax_queue_delay_us = 0" in out
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('name = "m"\n', "no \\[batching\\]"),
+        ("max_queue_size = 1\n[batching]\nmax_queue_delay_us = 0\n", "outside"),
+    ],
+)
+def test_set_queue_size_refuses(text: str, message: str) -> None:
+    with pytest.raises(BenchError, match=message):
+        modelcopy.set_queue_size(text, 4)
+
+
+def test_write_queue_copy_links_weights_and_serves(tmp_path: Path) -> None:
+    source = Path(__file__).resolve().parents[2] / "models" / "mlp"
+    folder = modelcopy.write_queue_copy(source, 7, tmp_path)
+    assert (folder / "model.pt").is_symlink()
+    assert (folder / "model.pt").resolve() == (source / "model.pt").resolve()
+    ((config, _),) = discover(tmp_path, ["mlp"])
+    assert config.batching is not None and config.batching.max_queue_size == 7
+
+
+# --- the new arguments ----------------------------------------------------------------------
+
+
+def test_batching_issue_command_line() -> None:
+    options = parse(
+        "--serve", "--serve-cpus", "0", "--model", "mlp", "--protocol", "v2-binary,v2-json",
+        "--concurrency", "1,8,32", "--compare", "no-batching", "--overload", "4",
+        "--queue-size", "64", "--retry-after-cap", "0.5", "--plot", "p.png",
+    )  # fmt: skip
+    assert options.serve_cpus == (0,) and options.compare == "no-batching"
+    assert (options.overload, options.overload_concurrency) == (4.0, 128)
+    assert (options.queue_size, options.retry_after_cap) == (64, 0.5)
+    assert options.plot == Path("p.png")
+    assert problems(options) == []
+    assert torch_threads(None, True, 2, len(options.serve_cpus)) == 1
+    assert torch_threads(3, True, 2, 1) == 3  # --torch-threads wins
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--serve-cpus", "x"], ["--serve-cpus", "2-1"], ["--overload", "0.5"],
+        ["--overload", "nan"], ["--queue-size", "0"], ["--compare", "other"],
+        ["--retry-after-cap", "0"],
+    ],
+)  # fmt: skip
+def test_bad_batching_arguments_exit(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="ember bench")
+    cli.add_bench_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "mlp", *argv])
+
+
+def test_problems_of_combinations() -> None:
+    lone = parse("--model", "m", "--serve-cpus", "0", "--compare", "no-batching",
+                 "--queue-size", "2")  # fmt: skip
+    assert [p.split()[0] for p in problems(lone)] == ["--serve-cpus", "--compare", "--queue-size"]
+    grpc_only = parse("--model", "m", "--protocol", "grpc", "--overload", "2")
+    assert problems(grpc_only) == [
+        "--overload needs an HTTP protocol (v2-json or v2-binary): gRPC refusals carry no "
+        "Retry-After to wait on"
+    ]
+
+
+def test_overload_concurrency_rounds() -> None:
+    assert BenchOptions(model="m", concurrency=(1, 3), overload=1.5).overload_concurrency == 4
+    assert BenchOptions(model="m").overload_concurrency is None
+
+
+def test_execute_refuses_bad_combinations() -> None:
+    from ember.server.bench.run import execute
+
+    log = io.StringIO()
+    assert execute(BenchOptions(model="m", compare="no-batching"), io.StringIO(), log) == 2
+    assert "--compare needs --serve" in log.getvalue()
+
+
+# --- what the server ran, from its statistics -----------------------------------------------
+
+
+def stats_doc(inferences: int, executions: int, batches: dict[int, tuple[int, int]]) -> object:
+    return {"model_stats": [
+        {"name": "other", "inference_count": 99, "execution_count": 99, "batch_stats": []},
+        {"name": "mlp", "inference_count": inferences, "execution_count": executions,
+         "batch_stats": [{"batch_size": size, "compute_infer": {"count": count, "ns": ns}}
+                         for size, (count, ns) in batches.items()]},
+    ]}  # fmt: skip
+
+
+def test_counters_and_their_difference() -> None:
+    before = observe.counters(stats_doc(10, 6, {1: (4, 400), 3: (2, 600)}), "mlp")
+    after = observe.counters(stats_doc(110, 10, {1: (4, 400), 3: (2, 600), 25: (4, 9000)}), "mlp")
+    assert before is not None and after is not None
+    assert after.forward_ns == 10000 and after.executions == 10
+    diff = observe.batch_diff(before.batches, after.batches)
+    assert diff == {25: 4}
+    assert observe.counters(stats_doc(1, 1, {}), "missing") is None
+    assert observe.counters({"error": "x"}, "mlp") is None
+
+
+def observed(**changes: object) -> Observed:
+    base: dict[str, object] = dict(
+        seconds=2.0, batches={8: 10}, inferences=80, executions=10, forward_seconds=0.5,
+        client_cpu=0.3, client_cores=1, server_cpu=0.98, server_cores=1, other_cpu=0.0,
+    )  # fmt: skip
+    base.update(changes)
+    return Observed(**base)  # type: ignore[arg-type]
+
+
+def test_observed_means() -> None:
+    seen = observed()
+    assert (seen.mean_batch, seen.forward_share) == (8.0, 0.25)
+    # From the histogram, not inference_count / execution_count (read at other moments).
+    assert observed(batches={1: 3, 7: 1}, inferences=9, executions=4).mean_batch == 2.5
+    assert observed(batches={}).mean_batch is None
+    assert observed(batches=None).mean_batch is None
+    assert observed(forward_seconds=None).forward_share is None
+
+
+async def test_probe_reads_the_servers_statistics_and_cpu() -> None:
+    from aiohttp import web
+
+    readings = [
+        stats_doc(10, 10, {1: (10, 1000)}),
+        stats_doc(50, 12, {1: (10, 1000), 20: (2, 5000)}),
+    ]
+
+    async def stats(_: web.Request) -> web.Response:
+        return web.json_response(readings.pop(0))
+
+    app = web.Application()
+    app.router.add_get("/v2/models/mlp/stats", stats)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        probe = observe.Probe(f"http://127.0.0.1:{port}", "mlp", server_pid=os.getpid(),
+                              client_cores=1, server_cores=1)  # fmt: skip
+        await probe.open()
+        await asyncio.sleep(0.05)
+        await probe.close()
+    finally:
+        await runner.cleanup()
+    seen = probe.result()
+    assert seen is not None
+    assert (seen.batches, seen.inferences, seen.executions) == ({20: 2}, 40, 2)
+    assert seen.mean_batch == 20.0 and seen.forward_seconds == pytest.approx(5e-6)
+    assert seen.seconds >= 0.05 and seen.client_cpu >= 0 and seen.server_cpu is not None
+    assert seen.other_cpu is not None and seen.other_cpu >= 0
+
+
+async def test_probe_without_statistics_still_measures_cpu() -> None:
+    probe = observe.Probe("http://127.0.0.1:9", "mlp", server_pid=None, client_cores=1,
+                          server_cores=None, timeout=1.0)  # fmt: skip
+    await probe.open()
+    await probe.close()
+    seen = probe.result()
+    assert seen is not None and seen.batches is None and seen.server_cpu is None
+
+
+# --- window hooks and the overload level, on the fake clock ---------------------------------
+
+
+async def test_run_level_calls_the_hooks_at_the_window_edges() -> None:
+    fake = FakeTime()
+    seen: list[float] = []
+
+    async def mark() -> None:
+        seen.append(fake.now)
+
+    await run_level(
+        "infer", fake.opener(), concurrency=1, duration=10.0, warmup=5.0, clock=fake.clock,
+        on_open=mark, on_close=mark,
+    )  # fmt: skip
+    # Each once, in order, not before its edge (the hooks poll the clock, which the fake
+    # requests move faster than real time).
+    assert len(seen) == 2 and 5.0 <= seen[0] <= seen[1] and seen[1] >= 15.0
+
+
+def retrying_opener(fake: FakeTime, answers: list[float | None]) -> OpenRetryWorker:
+    """Each call takes one unit and answers the next of `answers` (cycled)."""
+
+    @asynccontextmanager
+    async def open_worker() -> AsyncIterator[RetryCall]:
+        async def call() -> float | None:
+            answer = answers[fake.calls % len(answers)]
+            fake.calls += 1
+            fake.now += 1.0
+            await asyncio.sleep(0)
+            return answer
+
+        yield call
+
+    return open_worker
+
+
+async def test_overload_level_counts_refusals_and_waits_capped() -> None:
+    fake = FakeTime()
+    stats = await run_overload_level(
+        retrying_opener(fake, [None, 1.0, None, math.inf]), concurrency=1, duration=8.0,
+        warmup=0.0, retry_after_cap=0.001, protocol="v2-json", clock=fake.clock,
+    )  # fmt: skip
+    assert (stats.ok, stats.rejected, stats.errors) == (4, 4, 0)
+    assert stats.goodput == 0.5
+    assert stats.retry_after_s == math.inf  # the largest the server asked for
+    assert stats.waited_s == pytest.approx(0.004)  # each wait capped
+    assert stats.ok_p50_ms == stats.rejected_p99_ms == 1000.0
+
+
+# --- the raw forward at several batch sizes -------------------------------------------------
+
+
+def test_raw_rate_and_batched_inputs() -> None:
+    rate = raw_rate(4, 8, [0.001, 0.002, 0.003])
+    assert (rate.calls, rate.rows) == (3, 8) and rate.p50_ms == pytest.approx(2.0)
+    assert rate.rows_per_s == pytest.approx(8 * 3 / 0.006)
+    with pytest.raises(ValueError):
+        raw_rate(1, 1, [])
+    from ember.server.bench import raw
+
+    one = {"x": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    four = raw.batched(one, 4)["x"]
+    assert four.shape == (8, 3) and np.array_equal(four[6:], one["x"])
+
+
+def test_raw_batch_sizes() -> None:
+    assert run.raw_batch_sizes((1, 8, 32), [1.0, 6.6, 25.4, 1.0], 64) == [1, 7, 8, 25, 32]
+    assert run.raw_batch_sizes((1, 128), [90.0], 64) == [1, 64]  # what one forward can take
+    assert run.raw_batch_sizes((4,), [], 1) == [1]
+
+
+def test_rows_per_request_and_batch_limit() -> None:
+    spec = TensorSpec(name="input", datatype="FP32", shape=[-1, 784])
+    config = ModelConfig(name="m", format="torchscript", inputs=[spec], outputs=[spec],
+                         max_batch_size=64)  # fmt: skip
+    payload4 = Payload("m", (spec.model_copy(update={"shape": [4, 784]}),),
+                       {"input": np.zeros((4, 784), np.float32)}, ())  # fmt: skip
+    assert run.rows_per_request(config, payload4) == 4
+    assert run.max_requests_per_batch(config, 4) == 16
+    unbatched = config.model_copy(update={"max_batch_size": 0})
+    assert run.rows_per_request(unbatched, payload4) == 1
+    assert run.max_requests_per_batch(unbatched, 1) == 1
+
+
+# --- the lean HTTP client ------------------------------------------------------------------
+
+
+def test_encode_request_is_one_buffer() -> None:
+    wire = rawhttp.encode_request(
+        "POST", "http://127.0.0.1:8080", "/v2/models/m/infer", b"{}",
+        {"Content-Type": "application/json"},
+    )  # fmt: skip
+    assert wire == (b"POST /v2/models/m/infer HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")  # fmt: skip
+    get = rawhttp.encode_request("GET", "http://h:1/base/", "/x", None, {})
+    assert get == b"GET /base/x HTTP/1.1\r\nHost: h:1\r\n\r\n"
+    with pytest.raises(BenchError):
+        rawhttp.encode_request("GET", "https://h", "/", None, {})
+
+
+def test_parse_head_and_headers_ignore_case() -> None:
+    status, headers = rawhttp.parse_head(
+        b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\ncontent-length: 0"
+    )
+    assert status == 429
+    assert headers.get("retry-after") == headers["RETRY-AFTER"] == "1"
+    assert "Content-Length" in headers and headers.get("missing") is None
+    with pytest.raises(rawhttp.HttpError):
+        rawhttp.parse_head(b"SSH-2.0 hello")
+
+
+def test_dechunk() -> None:
+    data = b"3\r\nabc\r\n2;ext=1\r\nde\r\n0\r\n\r\nNEXT"
+    assert rawhttp.dechunk(data) == (b"abcde", len(data) - 4)
+    assert rawhttp.dechunk(data[:12]) is None
+    with pytest.raises(rawhttp.HttpError):
+        rawhttp.dechunk(b"zz\r\n")
+
+
+def test_retry_after_seconds() -> None:
+    assert retry_after_seconds("1") == 1.0
+    assert retry_after_seconds(" 0.5 ") == 0.5
+    for value in (None, "Wed, 21 Oct 2015 07:28:00 GMT", "-1", "nan"):
+        assert retry_after_seconds(value) == math.inf
+
+
+async def test_http_workers_against_a_canned_server() -> None:
+    """Content-Length and chunked answers on one connection, a 429 with Connection: close
+    (the worker reconnects), and a bad status as an error."""
+    answers = [
+        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhe\r\n3\r\nllo\r\n0\r\n\r\n",
+        b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 1\r\nconnection: close\r\n"
+        b"content-length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+        b"HTTP/1.1 500 Oops\r\ncontent-length: 4\r\n\r\nboom",
+    ]
+    connections = 0
+    bodies: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while answers:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            bodies.append(await reader.readexactly(length))
+            answer = answers.pop(0)
+            writer.write(answer)
+            await writer.drain()
+            if b"connection: close" in answer:
+                break
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    request = HttpRequest("POST", "/infer", b"xyz", {})
+    seen: list[str] = []
+    async with server:
+
+        def verify(headers: Mapping[str, str], body: bytes) -> None:
+            seen.append(body.decode())
+
+        async with http_retry_worker(url, request, 5.0, verify) as call:
+            assert await call() is None
+            assert await call() is None
+            assert await call() == 1.0
+            assert await call() is None  # on a new connection
+        async with http_worker(url, request, 5.0) as plain:
+            with pytest.raises(BadStatus, match="HTTP 500: boom"):
+                await plain()
+    assert seen == ["hello", "hello", ""]
+    assert bodies == [b"xyz"] * 5 and connections == 3
+
+
+async def test_http_worker_times_out() -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)
+        await asyncio.sleep(1)
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with server, http_worker(url, HttpRequest("GET", "/"), 0.05) as call:
+        with pytest.raises(TimeoutError):
+            await call()
+
+
+# --- levels against the raw forward, the compared server, overload and the targets --------
+
+
+def level_row(server: str, protocol: str, c: int, rps: float, p50: float, p99: float,
+              mean: float | None = None, client: float = 0.3) -> Stats:  # fmt: skip
+    seen = None
+    if mean is not None:
+        seen = observed(batches={round(mean): 10}, client_cpu=client)
+    return Stats(report.INFER, c, 10.0, int(rps * 10), 0, rps, p50, p50, p99, p50,
+                 protocol=protocol, server=server, observed=seen)  # fmt: skip
+
+
+RAW_RATES = [RawRate(1, 1, 100, 0.2, 5000.0), RawRate(20, 20, 100, 1.0, 16000.0),
+             RawRate(32, 32, 100, 1.6, 20000.0)]  # fmt: skip
+LEVEL_ROWS = [
+    level_row("batching", "v2-binary", 1, 1000.0, 1.0, 2.0, mean=1.0),
+    level_row("batching", "v2-binary", 32, 9500.0, 3.0, 8.0, mean=20.0, client=0.5),
+    level_row("batching", "v2-json", 32, 6000.0, 5.0, 20.0, mean=20.0),
+    level_row("no-batching", "v2-binary", 1, 1100.0, 0.9, 2.0, mean=1.0),
+    level_row("no-batching", "v2-binary", 32, 2000.0, 16.0, 20.0, mean=1.0),
+    level_row("no-batching", "v2-json", 32, 1500.0, 21.0, 30.0, mean=1.0),
+]
+
+
+def test_levels_compare_with_raw_and_the_other_server() -> None:
+    items = {(i.server, i.protocol, i.concurrency): i
+             for i in report.levels(LEVEL_ROWS, RAW_RATES, 64)}  # fmt: skip
+    top = items["batching", "v2-binary", 32]
+    assert top.of_raw_at_concurrency == pytest.approx(9500 / 20000)
+    assert top.observed_batch == 20
+    assert top.of_raw_at_observed == pytest.approx(9500 / 16000)
+    assert top.over_compared == pytest.approx(9500 / 2000)
+    assert top.p99_over_p50 == pytest.approx(8 / 3)
+    assert items["no-batching", "v2-binary", 32].over_compared is None
+    assert items["batching", "v2-binary", 1].of_raw_at_concurrency == pytest.approx(0.2)
+    table = report.format_levels(LEVEL_ROWS, RAW_RATES, 64)
+    assert "x no-batching" in table.splitlines()[0]
+    assert "4.8x" in table and "9,500" in table
+
+
+def test_table_has_a_server_column_with_two_servers() -> None:
+    lines = report.format_table(LEVEL_ROWS).splitlines()
+    assert lines[0].split()[:2] == ["server", "target"]
+    assert lines[-1].split()[:2] == ["no-batching", "infer"]
+    assert report.format_table(ROWS).splitlines()[0].split()[0] == "target"  # as it was
+
+
+def overload_stats(goodput: float, rejected_p99: float | None) -> OverloadStats:
+    return OverloadStats(
+        concurrency=128, seconds=10.0, protocol="v2-binary", ok=int(goodput * 10),
+        rejected=50, errors=0, goodput=goodput, ok_p50_ms=10.0, ok_p99_ms=30.0,
+        rejected_p50_ms=1.0, rejected_p99_ms=rejected_p99, retry_after_s=1.0, waited_s=50.0,
+        retry_after_cap_s=1.0,
+    )  # fmt: skip
+
+
+def test_overload_against_the_peak() -> None:
+    stats = overload_stats(9000.0, 2.0)
+    best = report.peak(LEVEL_ROWS, "batching", "v2-binary")
+    assert best is not None and best.rps == 9500.0
+    summary = report.overload_summary(stats, best)
+    assert summary["goodput_of_peak"] == pytest.approx(9000 / 9500)
+    assert summary["peak_concurrency"] == 32
+    text = report.format_overload(stats, best)
+    assert "94.7% of the peak 9,500 rps (v2-binary c=32)" in text
+    assert "refused (429) 50 (p50 1.000 ms, p99 2.000 ms)" in text
+
+
+def test_targets_met_and_not_met() -> None:
+    checks = targets.evaluate(LEVEL_ROWS, RAW_RATES, overload_stats(8000.0, 7.0), 64)
+    verdicts = {c.name: c.met for c in checks}
+    assert verdicts == {
+        "v2-binary c=32: rows/s of raw forward rows/s at batch 32": True,  # 47.5% >= 45%
+        "v2-binary c=32: rows/s over the server without batching": True,  # 4.75x
+        "v2-binary c=32: p99 / p50": True,  # 2.67x
+        "v2-json c=32: rows/s of raw forward rows/s at batch 32": False,  # 30% < 35%
+        "v2-json c=32: rows/s over the server without batching": True,  # 4x
+        "v2-json c=32: p99 / p50": False,  # 4x
+        "overload v2-binary c=128: goodput of the peak throughput": False,  # 84%
+        "overload v2-binary c=128: rejection (429) latency p99": False,  # 7 ms
+    }
+    text = targets.format_checks(checks)
+    assert "NOT met  v2-json c=32: p99 / p50: 4.00x (target <= 3.00x)" in text
+    unmeasured = targets.evaluate(LEVEL_ROWS, [], overload_stats(9000.0, None), 64)
+    assert {c.name: c.met for c in unmeasured}[
+        "overload v2-binary c=128: rejection (429) latency p99"
+    ] is None
+    assert targets.evaluate([], [], None, 64) == []
+
+
+def test_client_headroom() -> None:
+    floor = Stats(report.CLIENT_FLOOR, 32, 3.0, 90000, 0, 30000.0, 1.0, 1.0, 1.0, 1.0,
+                  protocol="http", server="batching")  # fmt: skip
+    check = report.client_headroom([floor, *LEVEL_ROWS])
+    assert check is not None and not check["suspect"]
+    assert check["busiest"]["concurrency"] == 32 and check["busiest"]["client_cpu"] == 0.5
+    assert check["floors"][0]["floor_over_served"] == pytest.approx(30000 / 9500)
+    assert "its floor over 1.2x every served rate" in report.format_client_check(check)
+    no_floor = report.format_client_check(report.client_headroom(LEVEL_ROWS))
+    assert "not the bottleneck (under 90% busy; no client floor was measured)" in no_floor
+    slow_floor = dataclasses.replace(floor, rps=10000.0)
+    assert report.client_headroom([slow_floor, *LEVEL_ROWS])["suspect"]  # type: ignore[index]
+    busy = [level_row("", "v2-json", 8, 100.0, 1.0, 1.0, mean=1.0, client=0.95)]
+    assert report.client_headroom(busy)["suspect"]  # type: ignore[index]
+    assert report.client_headroom(ROWS) is None
+    quiet = report.client_headroom(LEVEL_ROWS)
+    assert quiet is not None and not quiet["contended"] and quiet["others_max_cpu"] == 0.0
+    shared = [dataclasses.replace(LEVEL_ROWS[0], observed=observed(other_cpu=0.4))]
+    check = report.client_headroom(shared)
+    assert check is not None and check["contended"]
+    assert "the machine was shared" in report.format_client_check(check)
+
+
+def test_document_holds_levels_overload_and_targets() -> None:
+    checks = targets.evaluate(LEVEL_ROWS, RAW_RATES, overload_stats(9000.0, 2.0), 64)
+    doc = report.document(
+        config={}, machine={}, rows=LEVEL_ROWS, raw=None,
+        now=datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC), raw_rates=RAW_RATES,
+        overload=overload_stats(9000.0, 2.0), max_batch=64,
+        checks=[{**dataclasses.asdict(c), "met": c.met} for c in checks],
+    )  # fmt: skip
+    encoded = orjson.loads(orjson.dumps(doc, option=orjson.OPT_NON_STR_KEYS))
+    assert encoded["raw_forwards"][2]["rows_per_s"] == 20000.0
+    assert encoded["levels"][1]["batches"] == {"20": 10}
+    assert encoded["overload"]["goodput_of_peak"] == pytest.approx(9000 / 9500)
+    assert encoded["results"][0]["server"] == "batching"
+    assert all(t["met"] for t in encoded["targets"] if "json" not in t["name"])
+
+
+# --- the plot -------------------------------------------------------------------------------
+
+
+def test_plot_series_and_ceilings() -> None:
+    lines = plot.series(LEVEL_ROWS)
+    assert [s.label for s in lines] == [
+        "batching v2-binary", "batching v2-json", "no-batching v2-binary", "no-batching v2-json",
+    ]  # fmt: skip
+    assert lines[0].concurrency == [1, 32] and lines[0].rows_per_s == [1000.0, 9500.0]
+    assert [r.batch for r in plot.ceilings(RAW_RATES, [1, 8, 32])] == [1, 32]
+    assert [r.batch for r in plot.ceilings(RAW_RATES, [1, 8])] == [1]
+
+
+def test_plot_writes_a_small_png(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "bench.png"
+    plot.write_plot(out, LEVEL_ROWS, RAW_RATES, overload_stats(9000.0, 2.0), title="mlp")
+    data = out.read_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) < 200_000

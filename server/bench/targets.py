@@ -1,0 +1,102 @@
+"""The batching issue's performance targets, checked against a run's numbers.
+
+They are stated for mlp at concurrency 32 with one-row requests, the server pinned to one
+core; here they are checked at the run's largest concurrency (C), against the raw forward at
+batch C, so a run at other levels says what it measured rather than nothing. Pure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ember.server.bench import report
+from ember.server.bench.load import OverloadStats, RawRate, Stats
+
+# Served rows/s at the largest concurrency as a share of the raw forward's at that batch.
+SHARE_OF_RAW = {"v2-binary": 0.45, "v2-json": 0.35}
+OVER_COMPARED = 3.0  # rows/s with batching over the same server without it
+P99_OVER_P50 = 3.0
+GOODPUT_OF_PEAK = 0.90
+REJECTION_P99_MS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    value: float | None  # None: not measured in this run
+    limit: float
+    at_least: bool  # True: value >= limit passes; False: value <= limit (or < for ms)
+    unit: str  # "share", "x" or "ms"
+
+    @property
+    def met(self) -> bool | None:
+        if self.value is None:
+            return None
+        if self.at_least:
+            return self.value >= self.limit
+        if self.unit == "ms":
+            return self.value < self.limit
+        return self.value <= self.limit
+
+
+def _value(value: float | None, unit: str) -> str:
+    if value is None:
+        return "not measured"
+    if unit == "share":
+        return f"{value * 100:.1f}%"
+    if unit == "x":
+        return f"{value:.2f}x"
+    return f"{value:.3f} ms"
+
+
+def evaluate(
+    rows: Sequence[Stats],
+    raw_rates: Sequence[RawRate],
+    overload: OverloadStats | None,
+    max_batch: int,
+) -> list[Check]:
+    """Each target that applies to this run (the protocols it ran, --compare, --overload)."""
+    items = report.levels(rows, raw_rates, max_batch)
+    if not items:
+        return []
+    primary = items[0].server
+    top = max(i.concurrency for i in items)
+    at_top = [i for i in items if i.server == primary and i.concurrency == top]
+    compared = len({i.server for i in items}) > 1
+    checks = []
+    for level in at_top:
+        where = f"{level.protocol} c={top}"
+        share = SHARE_OF_RAW.get(level.protocol)
+        if share is not None:
+            checks.append(Check(
+                f"{where}: rows/s of raw forward rows/s at batch {level.raw_batch}",
+                level.of_raw_at_concurrency, share, True, "share",
+            ))  # fmt: skip
+        if compared:
+            checks.append(Check(f"{where}: rows/s over the server without batching",
+                                level.over_compared, OVER_COMPARED, True, "x"))  # fmt: skip
+        checks.append(Check(f"{where}: p99 / p50", level.p99_over_p50, P99_OVER_P50, False, "x"))
+    if overload is not None:
+        best = report.peak(rows, primary, overload.protocol)
+        of_peak = None
+        if best is not None and best.rps > 0:
+            of_peak = overload.goodput / best.rps
+        where = f"overload {overload.protocol} c={overload.concurrency}"
+        checks.append(Check(f"{where}: goodput of the peak throughput", of_peak,
+                            GOODPUT_OF_PEAK, True, "share"))  # fmt: skip
+        checks.append(Check(f"{where}: rejection (429) latency p99", overload.rejected_p99_ms,
+                            REJECTION_P99_MS, False, "ms"))  # fmt: skip
+    return checks
+
+
+def format_checks(checks: Sequence[Check]) -> str:
+    lines = ["targets (the batching issue's, at this run's largest concurrency):"]
+    for check in checks:
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[check.met]
+        sign = ">=" if check.at_least else ("<" if check.unit == "ms" else "<=")
+        lines.append(
+            f"  {verdict:>12}  {check.name}: {_value(check.value, check.unit)} "
+            f"(target {sign} {_value(check.limit, check.unit)})"
+        )
+    return "\n".join(lines)
