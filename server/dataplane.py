@@ -107,7 +107,7 @@ class DataPlane:
         metrics = self.metrics.model(name)
         outcome = "success"
         started = self._clock()
-        metrics.inflight.inc()
+        metrics.inflight += 1
         self.inflight += 1
         try:
             return await self._infer(request, started, metrics)
@@ -121,7 +121,7 @@ class DataPlane:
             raise ModelFailed(f"model '{name}' failed: {type(exc).__name__}: {exc}") from exc
         finally:
             self.inflight -= 1
-            metrics.inflight.dec()
+            metrics.inflight -= 1
             metrics.request(protocol, outcome)
             if outcome != "success" and name != "unknown":
                 stats = self.repository.get(name).stats

@@ -81,7 +81,10 @@ class ModelMetrics:
         self.preprocess = metrics.preprocess.labels(name)
         self.predict = metrics.predict.labels(name)
         self.postprocess = metrics.postprocess.labels(name)
-        self.inflight = metrics.inflight.labels(name)
+        # Counted in a plain int and read at scrape time: a labelled gauge's inc/dec take a
+        # lock each, twice per request.
+        self.inflight = 0
+        metrics.inflight.labels(name).set_function(lambda: self.inflight)
         self.queue_wait = metrics.queue_wait.labels(name)
         self.batch_size = metrics.batch_size.labels(name)
         self._requests: dict[tuple[str, str], Any] = {}
