@@ -10,7 +10,9 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2_grpc
 
 from ember.server.dataplane import DataPlane
+from ember.server.errors import EmberError
 from ember.server.rpc import wire
+from ember.server.rpc.errors import GRPC_STATUS
 from ember.server.rpc.servicer import InferenceServicer
 
 
@@ -53,6 +55,7 @@ class _WireCodecs(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     - grpc parses a request before the servicer runs and reports a parse failure as UNKNOWN;
       a client that sends bytes that do not parse has sent bad input: INVALID_ARGUMENT.
+    - an EmberError raised by a unary method is answered with its status from GRPC_STATUS;
     - ModelInfer and ModelStreamInfer read and write their tensor bytes without protobuf's
       copies (wire.py).
     """
@@ -76,7 +79,11 @@ class _WireCodecs(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 if isinstance(request, _Malformed):
                     message = _malformed_message(handler_call_details, request)
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
-                return await unary(request, context)
+                try:
+                    return await unary(request, context)
+                except EmberError as exc:
+                    # The one place a unary method's typed error becomes a gRPC status.
+                    await context.abort(GRPC_STATUS[exc.code], exc.message)
 
             return handler._replace(request_deserializer=lenient, unary_unary=unary_unary)
         if handler.stream_stream is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn, TypeAlias
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf import json_format
@@ -17,18 +17,12 @@ from ember.server.dataplane import DataPlane
 from ember.server.errors import EmberError, ModelFailed
 from ember.server.metadata import EXTENSIONS, SERVER_NAME, SERVER_VERSION
 from ember.server.rpc import codec
-from ember.server.rpc.errors import GRPC_STATUS
 from ember.server.rpc.wire import ParsedInferRequest, RawInferResponse, RawStreamResponse
 
 log = logging.getLogger("ember.server.rpc")
 
 # grpc ships no type information; the alias says what the argument is.
 Context: TypeAlias = grpc.aio.ServicerContext
-
-
-async def _abort(context: Context, error: EmberError) -> NoReturn:
-    await context.abort(GRPC_STATUS[error.code], error.message)
-    raise AssertionError("unreachable: abort raises")  # pragma: no cover
 
 
 def _unimplemented(method: str) -> Any:
@@ -40,6 +34,9 @@ def _unimplemented(method: str) -> Any:
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """Translation only. An EmberError raised by a unary method becomes its gRPC status in
+    the server's interceptor (rpc/server.py); a stream reports errors per request."""
+
     # What Triton has and Ember does not: a clear UNIMPLEMENTED rather than the stub's bare one.
     SystemSharedMemoryStatus = _unimplemented("SystemSharedMemoryStatus")
     SystemSharedMemoryRegister = _unimplemented("SystemSharedMemoryRegister")
@@ -67,10 +64,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: Context
     ) -> pb.ModelReadyResponse:
-        try:
-            ready = self._dataplane.model_ready(request.name, request.version or None)
-        except EmberError as exc:
-            await _abort(context, exc)
+        ready = self._dataplane.model_ready(request.name, request.version or None)
         return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(
@@ -83,29 +77,20 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Context
     ) -> pb.ModelMetadataResponse:
-        try:
-            doc = model_metadata(self._dataplane.model(request.name, request.version or None))
-        except EmberError as exc:
-            await _abort(context, exc)
+        doc = model_metadata(self._dataplane.model(request.name, request.version or None))
         return json_format.ParseDict(doc, pb.ModelMetadataResponse())
 
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: Context
     ) -> pb.ModelConfigResponse:
-        try:
-            doc = self._dataplane.model_config(request.name, request.version or None)
-        except EmberError as exc:
-            await _abort(context, exc)
+        doc = self._dataplane.model_config(request.name, request.version or None)
         config = json_format.ParseDict(doc, model_config_pb2.ModelConfig())
         return pb.ModelConfigResponse(config=config)
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Context
     ) -> pb.ModelStatisticsResponse:
-        try:
-            docs = self._dataplane.statistics(request.name or None, request.version or None)
-        except EmberError as exc:
-            await _abort(context, exc)
+        docs = self._dataplane.statistics(request.name or None, request.version or None)
         return json_format.ParseDict({"model_stats": docs}, pb.ModelStatisticsResponse())
 
     # --- repository ---------------------------------------------------------------------
@@ -127,21 +112,16 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
     ) -> pb.RepositoryModelLoadResponse:
         try:
             await self._dataplane.repository.load(request.model_name)
-        except EmberError as exc:
-            await _abort(context, exc)
+        except EmberError:
+            raise
         except Exception as exc:
-            await _abort(
-                context, ModelFailed(f"failed to load model '{request.model_name}': {exc}")
-            )
+            raise ModelFailed(f"failed to load model '{request.model_name}': {exc}") from exc
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
-        try:
-            await self._dataplane.repository.unload(request.model_name)
-        except EmberError as exc:
-            await _abort(context, exc)
+        await self._dataplane.repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     # --- inference ----------------------------------------------------------------------
@@ -159,10 +139,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         return codec.encode_response(response)
 
     async def ModelInfer(self, request: ParsedInferRequest, context: Context) -> RawInferResponse:
-        try:
-            return await self._infer(request, context.time_remaining())
-        except EmberError as exc:
-            await _abort(context, exc)
+        return await self._infer(request, context.time_remaining())
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[ParsedInferRequest], context: Context
