@@ -1,16 +1,18 @@
 """The GPU check of the batching issue, in one command (under 5 minutes on a CUDA machine):
 
-1. correctness: mlp's outputs on the device match its outputs on the CPU (batches 1, 7, 64);
+1. correctness: mlp's outputs on the device match its outputs on the CPU (batches 1, 7, 64),
+   eager and with CUDA graphs (`cuda_graphs = true`: 7 rows run padded in the graph of 8);
 2. throughput: the raw in-process forward against the served one, mlp with batching on and
-   off, over V2 binary (`ember bench --serve --compare no-batching`, its JSON read back);
+   off, over V2 binary (`ember bench --serve --compare no-batching`, its JSON read back), and
+   on CUDA the same again with CUDA graphs on (a copy of the model with `cuda_graphs = true`);
 3. copies: host-to-device and device-to-host GB/s of 64 MiB from pinned and pageable memory.
 
     python loadtests/gpu_check.py                      # CUDA; fails at once without it
     python loadtests/gpu_check.py --device cpu --quick  # the same steps on the CPU, short
 
 The server is started with the model as `models/mlp/model.toml` declares it (`device =
-"auto"`: CUDA when there is one). CUDA graphs are not implemented in the server, so their
-column says n/a. Writes every number to --json.
+"auto"`: CUDA when there is one). On the CPU CUDA graphs do not apply and their columns say
+n/a. Writes every number to --json.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class Match:
     batch: int
     max_abs_diff: float
     ok: bool
+    runner: str = "eager"  # or "cuda-graphs"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +85,8 @@ class Throughput:
     batching_of_raw: float | None
     batching_over_no_batching: float | None
     mean_batch: float | None
-    cuda_graphs: str = NOT_IMPLEMENTED
+    graphs_rows_per_s: float | None = None  # batching on, cuda_graphs = true
+    graphs_over_eager: float | None = None
 
 
 def require_device(device: str) -> None:
@@ -98,15 +102,26 @@ def require_device(device: str) -> None:
 
 
 def check_outputs(repository: Path, device: str, seed: int = 0) -> list[Match]:
-    """The model's outputs on `device` against the CPU's, for each batch size."""
-    import numpy as np
-
+    """The model's outputs on `device` against the CPU's, for each batch size; on CUDA also
+    through captured graphs."""
     from ember.server import loading
     from ember.server.config import discover
 
     ((config, model_dir),) = discover(repository, [MODEL])
     reference, _ = loading.load(config, model_dir, "cpu")
-    candidate, _ = loading.load(config, model_dir, device)
+    candidates = [("eager", loading.load(config, model_dir, device)[0])]
+    if device == "cuda":
+        graphs = config.model_copy(update={"cuda_graphs": True})
+        candidates.append(("cuda-graphs", loading.load(graphs, model_dir, device)[0]))
+    matches = []
+    for name, candidate in candidates:
+        matches += _compare(config, reference, candidate, name, seed)
+    return matches
+
+
+def _compare(config: Any, reference: Any, candidate: Any, runner: str, seed: int) -> list[Match]:
+    import numpy as np
+
     rng = np.random.default_rng(seed)
     (spec,) = config.inputs
     width = spec.shape[1]
@@ -124,7 +139,7 @@ def check_outputs(repository: Path, device: str, seed: int = 0) -> list[Match]:
                 continue
             diff = max(diff, float(np.max(np.abs(other.astype(np.float64) - array))))
             ok = ok and bool(np.allclose(other, array, rtol=RTOL, atol=ATOL))
-        matches.append(Match(batch, diff, ok))
+        matches.append(Match(batch, diff, ok, runner))
     return matches
 
 
@@ -184,6 +199,19 @@ def bench_command(plan: Plan, json_path: Path, repository: Path) -> list[str]:
     return argv
 
 
+def write_graphs_copy(repository: Path, target: Path) -> Path:
+    """A repository in `target` holding mlp with `cuda_graphs = true` (weights linked)."""
+    source = (repository / MODEL).resolve()
+    folder = target / MODEL
+    folder.mkdir(parents=True)
+    for entry in source.iterdir():
+        if entry.name != "model.toml":
+            (folder / entry.name).symlink_to(entry)
+    text = (source / "model.toml").read_text(encoding="utf-8")
+    (folder / "model.toml").write_text("cuda_graphs = true\n" + text, encoding="utf-8")
+    return target
+
+
 def run_bench(plan: Plan, device: str, repository: Path) -> dict[str, Any]:
     env = dict(os.environ)
     if device == "cpu":
@@ -202,9 +230,15 @@ def run_bench(plan: Plan, device: str, repository: Path) -> dict[str, Any]:
     return doc
 
 
-def throughput(doc: dict[str, Any]) -> list[Throughput]:
+def throughput(doc: dict[str, Any], graphs: dict[str, Any] | None = None) -> list[Throughput]:
     """Rows/s per concurrency from the bench's JSON: raw at batch = concurrency, served with
-    batching on ("batching") and off ("no-batching")."""
+    batching on ("batching") and off ("no-batching"); from `graphs` (the same bench against
+    the CUDA-graph copy) the batching rows/s with graphs on."""
+    with_graphs = {
+        lv["concurrency"]: lv["rows_per_s"]
+        for lv in (graphs or {}).get("levels") or []
+        if lv["server"] == "batching"
+    }
     levels = doc.get("levels") or []
     raw = {r["batch"]: r["rows_per_s"] for r in doc.get("raw_forwards") or []}
     served = {(lv["server"], lv["concurrency"]): lv for lv in levels}
@@ -215,12 +249,15 @@ def throughput(doc: dict[str, Any]) -> list[Throughput]:
         raw_rate = raw.get(on["raw_batch"]) if on else None
         on_rate = on["rows_per_s"] if on else None
         off_rate = off["rows_per_s"] if off else None
+        graph_rate = with_graphs.get(concurrency)
         out.append(Throughput(
             concurrency=concurrency, raw_rows_per_s=raw_rate, batching_rows_per_s=on_rate,
             no_batching_rows_per_s=off_rate,
             batching_of_raw=on_rate / raw_rate if on_rate and raw_rate else None,
             batching_over_no_batching=on_rate / off_rate if on_rate and off_rate else None,
             mean_batch=on["mean_batch"] if on else None,
+            graphs_rows_per_s=graph_rate,
+            graphs_over_eager=graph_rate / on_rate if graph_rate and on_rate else None,
         ))  # fmt: skip
     return out
 
@@ -243,24 +280,27 @@ def format_report(
     device: str, matches: Sequence[Match], rates: Sequence[Throughput], copies: Sequence[Copy]
 ) -> str:
     parts = [f"mlp on {device}: outputs against the CPU's (rtol {RTOL:g}, atol {ATOL:g})"]
-    lines: list[Sequence[str]] = [("batch", "max |diff|", "match")]
-    lines += [(str(m.batch), f"{m.max_abs_diff:.2e}", "ok" if m.ok else "MISMATCH")
+    lines: list[Sequence[str]] = [("runner", "batch", "max |diff|", "match")]
+    lines += [(m.runner, str(m.batch), f"{m.max_abs_diff:.2e}", "ok" if m.ok else "MISMATCH")
               for m in matches]  # fmt: skip
     parts.append(_align(lines))
     parts.append(f"\nmlp on {device}, V2 binary, one-row requests: rows/s")
     lines = [("concurrency", "raw forward", "served batching", "served no-batching",
-              "batching/raw", "batching/no-batching", "rows/fwd", "CUDA graphs")]  # fmt: skip
+              "batching/raw", "batching/no-batching", "rows/fwd", "CUDA graphs",
+              "graphs/eager")]  # fmt: skip
     for r in rates:
         lines.append((
             str(r.concurrency), _cell(r.raw_rows_per_s, ",.0f"),
             _cell(r.batching_rows_per_s, ",.0f"), _cell(r.no_batching_rows_per_s, ",.0f"),
             _cell(None if r.batching_of_raw is None else r.batching_of_raw * 100, ".0f", "%"),
             _cell(r.batching_over_no_batching, ".2f", "x"),
-            _cell(r.mean_batch, ".1f"), r.cuda_graphs,
+            _cell(r.mean_batch, ".1f"), _cell(r.graphs_rows_per_s, ",.0f"),
+            _cell(r.graphs_over_eager, ".2f", "x"),
         ))  # fmt: skip
     parts.append(_align(lines))
     parts.append("  raw forward: in the bench process at batch = concurrency (up to 64); "
-                 "CUDA graphs: not implemented in the server (n/a)")  # fmt: skip
+                 "CUDA graphs: served rows/s with batching and cuda_graphs = true "
+                 "(n/a on the CPU)")  # fmt: skip
     parts.append(f"\ncopies of {COPY_BYTES // (1024 * 1024)} MiB, GB/s (10^9 bytes/s)")
     lines = [("memory", "H2D", "D2H")]
     for memory in ("pinned", "pageable"):
@@ -302,7 +342,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         matches = check_outputs(args.model_repository, args.device)
         print("2/3 raw and served throughput (ember bench)", file=sys.stderr, flush=True)
         doc = run_bench(plan, args.device, args.model_repository)
-        rates = throughput(doc)
+        graphs_doc = None
+        if args.device == "cuda":
+            print("2b/3 the same with CUDA graphs", file=sys.stderr, flush=True)
+            with tempfile.TemporaryDirectory(prefix="ember-graphs-") as folder:
+                copy = write_graphs_copy(args.model_repository, Path(folder))
+                graphs_doc = run_bench(plan, args.device, copy)
+        rates = throughput(doc, graphs_doc)
         print("3/3 copies", file=sys.stderr, flush=True)
         copies = copy_rates(args.device, plan.copy_repeats)
     except CheckError as exc:
@@ -319,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "throughput": [asdict(r) for r in rates],
         "copies": [asdict(c) for c in copies],
         "bench": doc,
+        "bench_cuda_graphs": graphs_doc,
     }
     args.json.write_text(json.dumps(report, indent=2))
     return 0 if all(m.ok for m in matches) else 1

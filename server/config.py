@@ -97,6 +97,11 @@ class ModelConfig(_Strict):
     # torch.compile the module (dynamic shapes, so batches of any size reuse one graph). Needs
     # a C++ compiler where the server runs; the first forward (the warm-up) compiles.
     compile: bool = False
+    # Capture the forward as one CUDA graph per batch size in `cuda_graph_batch_sizes`
+    # (default: powers of two up to the batch limit, and the limit); a batch is padded to the
+    # next captured size and run by replaying its graph. Ignored on the CPU.
+    cuda_graphs: bool = False
+    cuda_graph_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
     max_batch_size: Annotated[int, Field(ge=0)] = 0
 
@@ -141,6 +146,7 @@ class ModelConfig(_Strict):
         self._check_batching()
         if self.compile and self.format not in ("safetensors", "torch_export"):
             raise ValueError("compile = true needs format 'safetensors' or 'torch_export'")
+        self._check_cuda_graphs()
         if self.format != "python":
             bytes_specs = [s.name for s in (*self.inputs, *self.outputs) if s.datatype == "BYTES"]
             if bytes_specs:
@@ -185,6 +191,42 @@ class ModelConfig(_Strict):
                 f"default_priority_level {batching.default_priority_level} is above "
                 f"priority_levels {batching.priority_levels}"
             )
+
+    def _check_cuda_graphs(self) -> None:
+        if self.cuda_graph_batch_sizes and not self.cuda_graphs:
+            raise ValueError("cuda_graph_batch_sizes needs cuda_graphs = true")
+        if not self.cuda_graphs:
+            return
+        if self.format == "python":
+            raise ValueError("cuda_graphs = true needs a torch format, not 'python'")
+        if self.compile:
+            raise ValueError("cuda_graphs = true and compile = true cannot be combined")
+        for spec in self.inputs:
+            fixed = spec.shape[1:] if self.max_batch_size else spec.shape
+            if -1 in fixed:
+                raise ValueError(
+                    f"cuda_graphs = true needs fixed input shapes apart from the batch "
+                    f"dimension, input '{spec.name}' has shape {spec.shape}"
+                )
+        if self.cuda_graph_batch_sizes and not self.max_batch_size:
+            raise ValueError("cuda_graph_batch_sizes needs max_batch_size > 0")
+        too_big = [n for n in self.cuda_graph_batch_sizes if n > self.batch_limit]
+        if too_big:
+            raise ValueError(
+                f"cuda_graph_batch_sizes {too_big} exceed the batch limit {self.batch_limit}"
+            )
+
+    @property
+    def graph_batch_sizes(self) -> tuple[int, ...]:
+        """The batch sizes captured as CUDA graphs, ascending; () for a model that does not
+        batch (its one fixed shape is captured)."""
+        if not self.max_batch_size:
+            return ()
+        if self.cuda_graph_batch_sizes:
+            return tuple(sorted(set(self.cuda_graph_batch_sizes)))
+        limit = self.batch_limit
+        sizes = {1 << i for i in range(limit.bit_length()) if 1 << i < limit}
+        return tuple(sorted(sizes | {limit}))
 
     @property
     def batch_limit(self) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -20,9 +21,12 @@ import torch
 from ember.server.config import ModelConfig, TensorSpec
 from ember.server.datatypes import numpy_dtype
 from ember.server.errors import ConfigError
+from ember.server.graphs import CudaGraphRunner
 from ember.server.runners import PythonRunner, Runner, TorchRunner
 from ember.server.storage import fetch
 from ember.server.storage.errors import StorageError
+
+log = logging.getLogger("ember.server.loading")
 
 
 class LoadError(Exception):
@@ -123,6 +127,8 @@ def build_runner(config: ModelConfig, model_dir: Path, device: torch.device) -> 
         module = module.to(dtype)
     if config.compile:
         module = torch.compile(module, dynamic=True)
+    if config.cuda_graphs and device.type == "cuda":
+        return CudaGraphRunner(module, config, device)
     return TorchRunner(module, config, device)
 
 
@@ -152,6 +158,13 @@ def load(
         device = resolve_device(device_spec or config.devices[0])
         runner = build_runner(config, model_dir, device)
         runner.predict(dummy_inputs(config.inputs))
+        if isinstance(runner, CudaGraphRunner):
+            runner.capture()
+        elif config.cuda_graphs:
+            log.info(
+                "cuda_graphs ignored: the model runs on the CPU",
+                extra={"model": config.name, "device": str(device)},
+            )
     except (LoadError, ConfigError):
         raise
     except Exception as exc:

@@ -83,6 +83,10 @@ class TorchRunner:
         return self._name_outputs(result)
 
     def _name_outputs(self, result: Any) -> dict[str, np.ndarray]:
+        return self._to_host(self._named(result))
+
+    def _named(self, result: Any) -> dict[str, torch.Tensor]:
+        """The module's result as the declared outputs, in their declared dtypes."""
         if isinstance(result, torch.Tensor):
             tensors: Mapping[str, torch.Tensor] = {self._outputs[0].name: result}
         elif isinstance(result, list | tuple):
@@ -96,24 +100,27 @@ class TorchRunner:
             tensors = result
         else:
             raise ModelFailed(f"model returned {type(result).__name__}, expected tensor(s)")
-        host: dict[str, torch.Tensor] = {}
+        named: dict[str, torch.Tensor] = {}
         for spec in self._outputs:
             tensor = tensors.get(spec.name)
             if tensor is None:
                 raise ModelFailed(f"model did not return output '{spec.name}'")
             want = TORCH_DTYPES[spec.datatype]
-            if tensor.dtype != want:
-                tensor = tensor.to(want)
-            if self._cuda:
-                staged = self._pinned_out.get(spec.name, tensor.shape, tensor.dtype)
-                staged.copy_(tensor, non_blocking=True)
-                tensor = staged
-            host[spec.name] = tensor
+            named[spec.name] = tensor if tensor.dtype == want else tensor.to(want)
+        return named
+
+    def _to_host(self, tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        if not self._cuda:
+            return {name: torch_to_numpy(t) for name, t in tensors.items()}
+        host = {}
+        for name, tensor in tensors.items():
+            staged = self._pinned_out.get(name, tensor.shape, tensor.dtype)
+            staged.copy_(tensor, non_blocking=True)
+            host[name] = staged
         if self._stream is not None:
             self._stream.synchronize()
-            # The pinned buffers are reused by the next batch: hand out copies.
-            return {name: torch_to_numpy(t).copy() for name, t in host.items()}
-        return {name: torch_to_numpy(t) for name, t in host.items()}
+        # The pinned buffers are reused by the next batch: hand out copies.
+        return {name: torch_to_numpy(t).copy() for name, t in host.items()}
 
 
 class PythonRunner:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import multiprocessing
 import os
@@ -23,6 +24,7 @@ from ember.server.errors import ConfigError
 from ember.server.metrics import PredictorMetrics
 from ember.server.repository import ModelRepository
 from ember.server.rest.app import build_app
+from ember.server.rest.protocol import InferProtocol
 from ember.server.rpc.server import build_server
 from ember.server.settings import ServeSettings
 from ember.server.storage import fetch
@@ -81,6 +83,7 @@ async def serve(
     config = uvicorn.Config(
         app, log_config=None, access_log=False, lifespan="off",
         timeout_graceful_shutdown=int(settings.drain_seconds) + 1,
+        http=functools.partial(InferProtocol, front=app),  # type: ignore[arg-type]
     )  # fmt: skip
     server = _Server(config)
     grpc_server = None

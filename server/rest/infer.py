@@ -4,6 +4,7 @@ path, headers and body to a reply: no framework objects, so the lean ASGI front 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
@@ -11,11 +12,47 @@ import orjson
 
 from ember.server.codecs import v1, v2
 from ember.server.dataplane import DataPlane
-from ember.server.errors import EmberError
+from ember.server.errors import EmberError, PayloadTooLarge
 from ember.server.request import InferRequest, InferResponse
 from ember.server.rest.body import BINARY_HEADER, parse_json, split_binary_body
+from ember.server.rest.errors import HTTP_STATUS, RETRY_AFTER
+
+log = logging.getLogger("ember.server.rest")
 
 JSON_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+
+_V2_PREFIX = "/v2/models/"
+_V2_SUFFIX = "/infer"
+_V1_PREFIX = "/v1/models/"
+_V1_SUFFIX = ":predict"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    protocol: str  # "v2" | "v1"
+    model: str
+    version: str | None = None
+
+
+def route(method: str, path: str) -> Route | None:
+    """The inference route `path` names, or None for every other request."""
+    if method != "POST":
+        return None
+    if path.startswith(_V2_PREFIX) and path.endswith(_V2_SUFFIX):
+        parts = path[len(_V2_PREFIX) : -len(_V2_SUFFIX)].split("/")
+        if len(parts) == 1 and parts[0]:
+            return Route("v2", parts[0])
+        if len(parts) == 3 and parts[0] and parts[1] == "versions" and parts[2]:
+            return Route("v2", parts[0], parts[2])
+    elif path.startswith(_V1_PREFIX) and path.endswith(_V1_SUFFIX):
+        name = path[len(_V1_PREFIX) : -len(_V1_SUFFIX)]
+        if name and "/" not in name:
+            return Route("v1", name)
+    return None
+
+
+class Disconnected(Exception):
+    """The client went away before its body arrived: nobody to answer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,9 +68,58 @@ class Reply:
         return len(self.body) + sum(len(chunk) for chunk in self.tail)
 
 
+def error_reply(exc: EmberError) -> Reply:
+    retry = RETRY_AFTER.get(exc.code)
+    return Reply(
+        orjson.dumps({"error": exc.message}),
+        HTTP_STATUS[exc.code],
+        headers=(("retry-after", retry),) if retry else (),
+    )
+
+
+def too_large(declared: str | None, limit: int) -> PayloadTooLarge | None:
+    """The error for a declared Content-Length over `limit`, before any of the body is read."""
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return PayloadTooLarge(
+            f"request body of {declared} bytes exceeds the limit of {limit} bytes"
+        )
+    return None
+
+
 class InferEndpoints:
     def __init__(self, dataplane: DataPlane) -> None:
         self._dataplane = dataplane
+
+    def admit(self, where: Route) -> Reply | None:
+        """The refusal for a request that could not be queued now (unknown model, not ready,
+        queue full), counted as such; None when it may come in. Lets a transport answer from
+        the request line and headers alone, before any of the body is read."""
+        try:
+            self._dataplane.admit(where.model, where.version)
+        except EmberError as exc:
+            self._dataplane.reject(where.model, where.protocol, exc)
+            return error_reply(exc)
+        return None
+
+    async def answer(
+        self, where: Route, headers: Mapping[str, str], read_body: Callable[[], Awaitable[bytes]]
+    ) -> Reply | None:
+        """The reply to one inference request, errors included; None if the client left.
+
+        Both HTTP transports (the ASGI front and the socket-level protocol) end here, so an
+        error maps to one status and one body whichever way the request came in.
+        """
+        try:
+            if where.protocol == "v2":
+                return await self.v2(where.model, where.version, headers, read_body)
+            return await self.v1(where.model, read_body)
+        except EmberError as exc:
+            return error_reply(exc)
+        except Disconnected:
+            return None
+        except Exception as exc:
+            log.error("request failed", exc_info=exc, extra={"model": where.model})
+            return Reply(orjson.dumps({"error": f"internal error: {type(exc).__name__}"}), 500)
 
     async def _decode_and_infer(
         self, model_name: str, protocol: str, decode: Callable[[], Awaitable[InferRequest]]
