@@ -4,6 +4,8 @@ its own stream, held by its runner), and the pool that hands out idle ones."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import queue
 import threading
 from collections import deque
@@ -28,8 +30,11 @@ class Instance:
     keep the process alive.
     """
 
-    def __init__(self, runner: Runner, device: torch.device, index: int, model: str) -> None:
+    def __init__(
+        self, runner: Runner, device: torch.device, index: int, model: str, nice: int = 0
+    ) -> None:
         self.runner = runner
+        self._nice = nice
         self.device = device
         self.index = index
         # Calls executing on the thread right now (read at shutdown).
@@ -61,6 +66,8 @@ class Instance:
         return await future
 
     def _serve(self) -> None:
+        if self._nice:
+            _lower_priority(self._nice)
         while (job := self._jobs.get()) is not None:
             work, done, loop = job
             self.running += 1
@@ -80,6 +87,15 @@ class Instance:
 
     def close(self) -> None:
         self._jobs.put(None)
+
+
+def _lower_priority(increment: int) -> None:
+    """Add `increment` to this thread's nice value. Linux keeps one per thread; raising it
+    needs no privilege. Elsewhere (or refused) the thread keeps its priority."""
+    tid = threading.get_native_id()
+    with contextlib.suppress(OSError, AttributeError):
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + increment))
 
 
 class InstancePool:

@@ -77,11 +77,17 @@ class ModelHandle:
 
 
 class ModelRepository:
-    def __init__(self, models: list[tuple[ModelConfig, Path]], metrics: PredictorMetrics) -> None:
+    def __init__(
+        self,
+        models: list[tuple[ModelConfig, Path]],
+        metrics: PredictorMetrics,
+        instance_nice: int = 0,
+    ) -> None:
         self._handles = {
             config.name: ModelHandle(config, model_dir) for config, model_dir in models
         }
         self._metrics = metrics
+        self._instance_nice = instance_nice
         self._locks = {name: asyncio.Lock() for name in self._handles}
 
     def names(self) -> list[str]:
@@ -124,7 +130,9 @@ class ModelRepository:
                         runner, device = await asyncio.to_thread(
                             loading.load, config, handle.model_dir, device_spec
                         )
-                        instances.append(Instance(runner, device, len(instances), name))
+                        instances.append(
+                            Instance(runner, device, len(instances), name, nice=self._instance_nice)
+                        )
             except Exception as exc:
                 handle.state, handle.error = ModelState.FAILED, str(exc)
                 raise

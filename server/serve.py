@@ -77,7 +77,7 @@ async def serve(
     settings: ServeSettings, models: list[tuple[ModelConfig, Path]], sock: socket.socket
 ) -> int:
     metrics = PredictorMetrics()
-    repository = ModelRepository(models, metrics)
+    repository = ModelRepository(models, metrics, instance_nice=settings.instance_nice)
     dataplane = DataPlane(repository, metrics)
     app = build_app(dataplane, max_body_bytes=settings.max_body_bytes)
     config = uvicorn.Config(

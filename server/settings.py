@@ -28,9 +28,24 @@ class ServeSettings:
     no_batching: bool = False
     # torch intra-op threads; None = the CPUs this process may run on (taskset, cgroups).
     torch_threads: int | None = None
+    # Added to the nice value of each model instance's thread (Linux). Where the forward and
+    # the event loop share CPUs, the loop then runs first when both can: health probes and
+    # 429s answer in milliseconds under saturation, and batches fill while a forward waits.
+    # The forward still gets a quarter of a contended CPU at 5; 0 leaves threads as they are.
+    instance_nice: int = 5
     # Room for a 64 MiB tensor plus the message around it.
     grpc_max_send_bytes: int = 128 * 1024 * 1024
     grpc_max_receive_bytes: int = 128 * 1024 * 1024
+
+
+def _nice(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= 19:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 19, got {value!r}")
+    return number
 
 
 def _flag(value: str) -> bool:
@@ -145,6 +160,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="torch intra-op threads (default: the CPUs this process may use)",
     )
+    add(
+        "--instance-nice",
+        dest="instance_nice",
+        type=_nice,
+        default=d.instance_nice,
+        help="nice increment for model instance threads, 0-19 (default %(default)s; 0 = off)",
+    )
     # Accepted so KServe's standard container args do not fail; they change nothing here.
     add("--enable_docs_url", dest="enable_docs_url", default=None, help=argparse.SUPPRESS)
     add("--max_threads", dest="max_threads", type=int, default=None, help=argparse.SUPPRESS)
@@ -176,6 +198,7 @@ def settings_from(args: argparse.Namespace, env: dict[str, str] | None = None) -
         drain_seconds=args.drain_seconds,
         enable_grpc=args.enable_grpc,
         torch_threads=args.torch_threads,
+        instance_nice=args.instance_nice,
         no_batching=args.no_batching,
         grpc_max_send_bytes=args.grpc_max_send_bytes,
         grpc_max_receive_bytes=args.grpc_max_receive_bytes,

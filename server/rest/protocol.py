@@ -7,9 +7,9 @@ the event loop's time). For the inference routes this protocol skips all of that
 that cannot be queued (unknown model, not ready, queue full, body too large) is refused from
 its headers, in the parser callback itself; otherwise the body is collected by the parser's
 callbacks, one task asks `InferEndpoints.answer` (the same call the ASGI front makes) and the
-reply is written as one buffer. Every other request, and any request pipelined behind another on the same
-connection, takes uvicorn's own path unchanged, so FastAPI routes, pipelining order, flow
-control and graceful shutdown behave exactly as uvicorn's.
+reply is written as one buffer. Every other request, and any request pipelined behind another
+on the same connection, takes uvicorn's own path unchanged, so FastAPI routes, pipelining
+order, flow control and graceful shutdown behave exactly as uvicorn's.
 
 It relies on the attributes `HttpToolsProtocol` keeps per request (`url`, `headers`,
 `cycle`, `expect_100_continue`); pyproject pins uvicorn to the minor release this was

@@ -1,0 +1,42 @@
+"""Model instance threads run at a lower priority than the event loop (`--instance-nice`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def _nice_values(pid: int) -> list[int]:
+    values = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        # Field 19 is the nice value; the command name before it may hold spaces.
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+        values.append(int(fields[16]))
+    return values
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc (Linux)")
+@pytest.mark.parametrize(("flag", "expected"), [(None, 5), ("0", 0), ("12", 12)])
+def test_instance_threads_are_niced_and_the_loop_is_not(
+    ember: Any, flag: str | None, expected: int
+) -> None:
+    args = ["--model-repository", "models", "--model", "mlp"]
+    server = ember(*args, *(["--instance-nice", flag] if flag else []))
+    server.assert_serves("mlp")
+    values = _nice_values(server.pid)
+    assert values.count(0) >= 1, values  # the event loop and the rest
+    if expected:
+        assert values.count(expected) == 1, values  # mlp's one instance
+    else:
+        assert set(values) == {0}, values
+
+
+@pytest.mark.parametrize("value", ["-1", "20", "high"])
+def test_a_bad_nice_value_is_refused_with_one_line(ember: Any, value: str) -> None:
+    server = ember("--model-repository", "models", "--instance-nice", value, wait=None)
+    assert server.wait_exit(30.0) == 2
+    stderr = server.stderr()
+    assert "--instance-nice" in stderr and "expected an integer from 0 to 19" in stderr
+    assert "Traceback" not in stderr
