@@ -31,10 +31,13 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
+        from ember.server.coldstart import process_started
+
+        started = process_started()
         from ember.server.serve import run
         from ember.server.settings import settings_from
 
-        return run(settings_from(args))
+        return run(settings_from(args), started)
     if args.command == "bench":
         from ember.server.bench.cli import run_bench
 

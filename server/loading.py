@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import logging
 import sys
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ember.server.coldstart import LoadPhases
 from ember.server.config import ModelConfig, TensorSpec
 from ember.server.datatypes import numpy_dtype
 from ember.server.errors import ConfigError
@@ -96,14 +98,19 @@ def _load_state_dict(path: Path, name: str, device: torch.device) -> dict[str, t
     return state
 
 
-def build_runner(config: ModelConfig, model_dir: Path, device: torch.device) -> Runner:
+def build_runner(
+    config: ModelConfig, model_dir: Path, device: torch.device, phases: LoadPhases | None = None
+) -> Runner:
     dtype = getattr(torch, config.dtype)
     if config.format == "python":
         assert config.class_ is not None  # checked by the schema
         cls = import_object(config.class_, model_dir)
         instance = cls(model_dir=model_dir, device=device, **config.kwargs)
         return PythonRunner(instance)
+    fetching = time.monotonic()
     path, name = _weights(config, model_dir)
+    if phases is not None and config.storage_uri and fetch.is_remote(config.storage_uri):
+        phases.download += time.monotonic() - fetching
     module: Any
     if config.format == "torchscript":
         with warnings.catch_warnings():
@@ -146,7 +153,10 @@ def dummy_inputs(specs: list[TensorSpec], batch: int = 1) -> dict[str, np.ndarra
 
 
 def load(
-    config: ModelConfig, model_dir: Path, device_spec: str | None = None
+    config: ModelConfig,
+    model_dir: Path,
+    device_spec: str | None = None,
+    phases: LoadPhases | None = None,
 ) -> tuple[Runner, torch.device]:
     """Load one instance (on `device_spec`, default the first configured device) and warm it
     up: one forward on a dummy batch, so the first real request is fast.
@@ -156,7 +166,10 @@ def load(
     """
     try:
         device = resolve_device(device_spec or config.devices[0])
-        runner = build_runner(config, model_dir, device)
+        started = time.monotonic()
+        measured = LoadPhases()
+        runner = build_runner(config, model_dir, device, measured)
+        loaded = time.monotonic()
         runner.predict(dummy_inputs(config.inputs))
         if isinstance(runner, CudaGraphRunner):
             runner.capture()
@@ -165,6 +178,10 @@ def load(
                 "cuda_graphs ignored: the model runs on the CPU",
                 extra={"model": config.name, "device": str(device)},
             )
+        if phases is not None:
+            phases.download += measured.download
+            phases.load += loaded - started - measured.download
+            phases.warmup += time.monotonic() - loaded
     except (LoadError, ConfigError):
         raise
     except Exception as exc:

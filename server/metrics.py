@@ -136,6 +136,11 @@ class PredictorMetrics:
             "ember_queue_depth", "Requests waiting in a model's queue", ["model_name"], registry=r
         )
         self._per_model: dict[str, ModelMetrics] = {}
+        self.cold_start = Gauge(
+            "ember_cold_start_seconds",
+            "Seconds of each phase of the process's start until the model was first ready",
+            ["model_name", "phase"], registry=r,
+        )  # fmt: skip
         self.model_ready = Gauge(
             "ember_model_ready", "1 when the model is loaded and warmed up",
             ["model_name"], registry=r,

@@ -16,6 +16,7 @@ import torch
 
 from ember.server import loading
 from ember.server.batching.batcher import Batcher, Execution, Result
+from ember.server.coldstart import LoadPhases
 from ember.server.config import ModelConfig
 from ember.server.errors import ModelNotFound, ModelNotReady
 from ember.server.instances import Instance, InstancePool
@@ -43,6 +44,8 @@ class ModelHandle:
     batcher: Batcher | None = None
     error: str | None = None
     stats: ModelStats = field(default_factory=ModelStats)
+    # How the last load's time split into download, load and warm-up.
+    phases: LoadPhases = field(default_factory=LoadPhases)
 
     @property
     def name(self) -> str:
@@ -123,12 +126,13 @@ class ModelRepository:
             handle.state = ModelState.LOADING
             started = time.monotonic()
             config = handle.config
+            phases = LoadPhases()
             try:
                 instances: list[Instance] = []
                 for device_spec in config.devices:
                     for _ in range(config.instances):
                         runner, device = await asyncio.to_thread(
-                            loading.load, config, handle.model_dir, device_spec
+                            loading.load, config, handle.model_dir, device_spec, phases
                         )
                         instances.append(
                             Instance(runner, device, len(instances), name, nice=self._instance_nice)
@@ -137,6 +141,7 @@ class ModelRepository:
                 handle.state, handle.error = ModelState.FAILED, str(exc)
                 raise
             seconds = time.monotonic() - started
+            handle.phases = phases
             handle.pool = InstancePool(instances)
             batch_sizes = self._metrics.model(name).batch_size
 

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 import uvicorn
 
 from ember.server import logs
+from ember.server.coldstart import ColdStart, ProcessPhases
 from ember.server.config import ModelConfig, discover, load_model_config
 from ember.server.dataplane import DataPlane
 from ember.server.errors import ConfigError
@@ -41,16 +43,22 @@ class _Server(uvicorn.Server):
         yield
 
 
-def resolve_models(settings: ServeSettings) -> list[tuple[ModelConfig, Path]]:
-    """The models to serve, validated; raises ConfigError with one line."""
+def resolve_models(
+    settings: ServeSettings, downloads: list[float] | None = None
+) -> list[tuple[ModelConfig, Path]]:
+    """The models to serve, validated; raises ConfigError with one line. Seconds spent
+    fetching a remote model folder are appended to `downloads`."""
     if settings.model_dir is not None:
         uri = settings.model_dir
         if fetch.is_remote(uri):
             # KServe's STORAGE_URI with no storage initializer in front: fetch it ourselves.
+            fetching = time.monotonic()
             try:
                 model_dir = fetch.fetch_folder(uri)
             except StorageError as exc:
                 raise ConfigError(str(exc)) from None
+            if downloads is not None:
+                downloads.append(time.monotonic() - fetching)
         elif "://" in uri and not uri.startswith("file://"):
             raise ConfigError(f"model location '{uri}': unsupported scheme")
         else:
@@ -74,7 +82,10 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 async def serve(
-    settings: ServeSettings, models: list[tuple[ModelConfig, Path]], sock: socket.socket
+    settings: ServeSettings,
+    models: list[tuple[ModelConfig, Path]],
+    sock: socket.socket,
+    process: ProcessPhases | None = None,
 ) -> int:
     metrics = PredictorMetrics()
     repository = ModelRepository(models, metrics, instance_nice=settings.instance_nice)
@@ -126,6 +137,11 @@ async def serve(
                 log.error("model failed to load", extra={"model": handle.name, "error": str(exc)})
                 exit_code = 1
                 stop.set()
+                continue
+            if process is not None:
+                report_cold_start(
+                    ColdStart.of(handle.name, process, handle.phases, time.monotonic()), metrics
+                )
         if exit_code == 0 and not stop.is_set():
             log.info(
                 "ready",
@@ -169,29 +185,44 @@ async def serve(
     return exit_code
 
 
+def report_cold_start(cold: ColdStart, metrics: PredictorMetrics) -> None:
+    log.info("cold start", extra={"model": cold.model, **cold.fields()})
+    for phase, seconds in cold.seconds.items():
+        metrics.cold_start.labels(cold.model, phase).set(seconds)
+
+
 def _run_one(
-    settings: ServeSettings, models: list[tuple[ModelConfig, Path]], sock: socket.socket
+    settings: ServeSettings,
+    models: list[tuple[ModelConfig, Path]],
+    sock: socket.socket,
+    process: ProcessPhases | None = None,
 ) -> int:
     loop_factory = uvicorn.Config(app=None, log_config=None).get_loop_factory()  # type: ignore[arg-type]
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(serve(settings, models, sock))
+        return runner.run(serve(settings, models, sock, process))
 
 
 def _worker(
-    settings: ServeSettings, models: list[tuple[ModelConfig, Path]], sock: socket.socket
+    settings: ServeSettings,
+    models: list[tuple[ModelConfig, Path]],
+    sock: socket.socket,
+    process: ProcessPhases | None,
 ) -> None:
     logs.configure(settings.log_level, settings.log_json)
     _set_torch_threads(settings)
-    sys.exit(_run_one(settings, models, sock))
+    sys.exit(_run_one(settings, models, sock, process))
 
 
 def _run_workers(
-    settings: ServeSettings, models: list[tuple[ModelConfig, Path]], sock: socket.socket
+    settings: ServeSettings,
+    models: list[tuple[ModelConfig, Path]],
+    sock: socket.socket,
+    process: ProcessPhases,
 ) -> int:
     """Several processes accept on one inherited socket; SIGTERM is passed on to each."""
     context = multiprocessing.get_context("spawn")
     workers = [
-        context.Process(target=_worker, args=(settings, models, sock))
+        context.Process(target=_worker, args=(settings, models, sock, process))
         for _ in range(settings.workers)
     ]
     for w in workers:
@@ -219,11 +250,16 @@ def _set_torch_threads(settings: ServeSettings) -> None:
     torch.set_num_threads(max(1, threads))
 
 
-def run(settings: ServeSettings) -> int:
+def run(settings: ServeSettings, started: float | None = None) -> int:
+    """Serve until signalled. `started` is when the process began (monotonic; default now),
+    for the cold-start report."""
+    imported = time.monotonic()
     logs.configure(settings.log_level, settings.log_json)
     _set_torch_threads(settings)
+    downloads: list[float] = []
     try:
-        models = resolve_models(settings)
+        models = resolve_models(settings, downloads)
+        configured = time.monotonic()
         sock = bind(settings.host, settings.http_port)
     except ConfigError as exc:
         log.error(str(exc))
@@ -231,6 +267,12 @@ def run(settings: ServeSettings) -> int:
     except OSError as exc:
         log.error(f"cannot listen on {settings.host}:{settings.http_port}: {exc.strerror}")
         return 2
+    process = ProcessPhases(
+        started=imported if started is None else started,
+        imported=imported,
+        config_seconds=configured - imported - sum(downloads),
+        download_seconds=sum(downloads),
+    )
     if settings.workers > 1:
-        return _run_workers(settings, models, sock)
-    return _run_one(settings, models, sock)
+        return _run_workers(settings, models, sock, process)
+    return _run_one(settings, models, sock, process)

@@ -165,3 +165,25 @@ def test_workers_share_the_port_and_stop_together(ember: EmberFactory) -> None:
     server.signal(signal.SIGTERM)
     assert server.wait_exit(20.0) == 0
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+# --- the cold-start report ---------------------------------------------------------------------
+def test_each_model_reports_its_cold_start_once(ember: EmberFactory) -> None:
+    import json
+
+    server = ember("--model-repository", MODELS)
+    lines = [json.loads(line) for line in server.stderr().splitlines() if line.startswith("{")]
+    reports = {r["model"]: r for r in lines if r["message"] == "cold start"}
+    assert sorted(reports) == ["identity", "mlp"]
+    assert len([r for r in lines if r["message"] == "cold start"]) == 2
+    for report in reports.values():
+        phases = [report[f"{p}_s"] for p in ("imports", "config", "download", "load", "warmup")]
+        assert all(p >= 0 for p in phases) and report["download_s"] == 0
+        assert 0 < sum(phases) <= report["total_s"] + 0.01
+    # torch is imported before any model loads, and mlp's warm-up runs a forward.
+    assert reports["mlp"]["imports_s"] > 0.1 and reports["mlp"]["warmup_s"] > 0
+    # A reload through the repository API is not a cold start: no second report.
+    assert server.post("/v2/repository/models/mlp/unload").status_code == 200
+    assert server.post("/v2/repository/models/mlp/load").status_code == 200
+    later = [line for line in server.stderr().splitlines() if '"cold start"' in line]
+    assert len(later) == 2

@@ -107,6 +107,22 @@ def infer(url: str, model: str, body: bytes) -> Any:
         return json.loads(answer.read())["outputs"]
 
 
+def cold_start(url: str, model: str) -> dict[str, float]:
+    """The model's `ember_cold_start_seconds` by phase, from /metrics."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    phases = {}
+    prefix = f'ember_cold_start_seconds{{model_name="{model}",phase="'
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            phase, _, value = line[len(prefix) :].partition('"} ')
+            phases[phase] = float(value)
+    assert set(phases) == {"imports", "config", "download", "load", "warmup", "total"}, text
+    parts = sum(v for k, v in phases.items() if k != "total")
+    assert 0 < parts <= phases["total"] + 0.02, phases
+    return phases
+
+
 def tiny_folder(root: Path, uri: str) -> Path:
     folder = root / "tiny"
     folder.mkdir(parents=True)
@@ -129,6 +145,9 @@ def test_weights_from_s3_answer_as_from_disk(rclone: Any, serve: Any, tmp_path: 
     local_url, _ = serve(["--model-repository", str(local.parent)], env)
     remote_url, _ = serve(["--model-repository", str(remote.parent)], env)
     assert infer(remote_url, "tiny", BODY) == infer(local_url, "tiny", BODY)
+    # The cold start names where its time went: no download from disk, one from S3.
+    assert cold_start(local_url, "tiny")["download"] == 0.0
+    assert cold_start(remote_url, "tiny")["download"] > 0.0
 
 
 def test_kserve_storage_uri_prefix_serves_the_folder(
@@ -142,6 +161,7 @@ def test_kserve_storage_uri_prefix_serves_the_folder(
         EMBER_CACHE_DIR=str(tmp_path / "cache"), STORAGE_URI=f"s3://{bucket}/isvc/mlp/"
     )
     remote_url, _ = serve(["--model_name", "mlp"], env)
+    assert cold_start(remote_url, "mlp")["download"] > 0.0  # the folder, before the config
     local_url, _ = serve(["--model-repository", str(ROOT / "models"), "--model", "mlp"], env)
     body = json.dumps(
         {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 784],
