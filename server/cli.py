@@ -34,10 +34,15 @@ def main(argv: list[str] | None = None) -> int:
         from ember.server.coldstart import process_started
 
         started = process_started()
-        from ember.server.serve import run
+        from ember.server import prefetch
         from ember.server.settings import settings_from
 
-        return run(settings_from(args), started)
+        settings = settings_from(args)
+        # Before the import of torch below: remote weights download while it runs.
+        prefetch.start(settings)
+        from ember.server.serve import run
+
+        return run(settings, started)
     if args.command == "bench":
         from ember.server.bench.cli import run_bench
 

@@ -192,3 +192,26 @@ def test_storage_uri_may_not_leave_the_model_folder(serve: Any, tmp_path: Path) 
     _, process = serve(["--model-repository", str(folder.parent)], {}, wait=False)
     assert process.wait(60) != 0
     assert "leaves the model folder" in process.stderr.read()
+
+
+def test_weights_prefetched_during_imports_are_downloaded_once(
+    rclone: Any, proxy: Any, serve: Any, tmp_path: Path
+) -> None:
+    # The CLI starts pulling while torch imports and the loader asks again: one download,
+    # however the two meet (the loader waits on the cache's lock, then finds the file).
+    torch.manual_seed(5)
+    linear = torch.nn.Linear(4, 3)
+    state = {f"linear.{k}": v.contiguous() for k, v in linear.state_dict().items()}
+    local = tiny_folder(tmp_path / "local", "weights.safetensors")
+    save_file(state, str(local / "weights.safetensors"))
+    bucket = rclone.new_bucket()
+    rclone.put(bucket, "w/tiny.safetensors", (local / "weights.safetensors").read_bytes())
+    # Each GET is held about as long as torch takes to import, so the loader usually asks
+    # while the prefetch's GET is still in flight; either way only one may reach S3.
+    front = proxy(rclone, delay=3.0)
+    remote = tiny_folder(tmp_path / "remote", f"s3://{bucket}/w/tiny.safetensors")
+    env = rclone.env(front.endpoint, EMBER_CACHE_DIR=str(tmp_path / "cache"))
+    remote_url, _ = serve(["--model-repository", str(remote.parent)], env)
+    local_url, _ = serve(["--model-repository", str(local.parent)], env)
+    assert infer(remote_url, "tiny", BODY) == infer(local_url, "tiny", BODY)
+    assert len(front.gets("tiny.safetensors")) == 1  # one small object: one ranged GET
