@@ -239,6 +239,24 @@ class NodeCache:
             _remove_empty(folder)
         return removed, freed
 
+    def shrink(self, max_bytes: int) -> tuple[int, int]:
+        """Remove the least recently used entries until the complete ones add up to at most
+        `max_bytes`; entries being read or filled by another process right now are skipped
+        (the total may then stay above). Returns (entries removed, bytes freed)."""
+        entries = self.entries()  # most recently used first
+        total = sum(e.key.size for e in entries)
+        removed = freed = 0
+        for entry in reversed(entries):
+            if total <= max_bytes:
+                break
+            size = self._remove(entry.path.with_suffix(""), blocking=False)
+            if size is not None:
+                removed += 1
+                freed += size
+                total -= entry.key.size
+                _remove_empty(entry.path.parent)
+        return removed, freed
+
     def _remove(self, base: Path, *, blocking: bool) -> int | None:
         """Remove one version's files unless a process is filling it; the bytes freed."""
         lock = base.with_suffix(".lock")

@@ -23,8 +23,8 @@ log = logging.getLogger("ember.storage")
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_SIZE = re.compile(r"(\d+)\s*([kmg]?)(?:i?b)?", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_SIZE = re.compile(r"(\d+)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def duration(text: str) -> float:
@@ -38,7 +38,7 @@ def duration(text: str) -> float:
 
 
 def size(text: str) -> int:
-    """`16M`, `16MiB`, `512k`, `1G`, `1048576` -> bytes (binary units)."""
+    """`16M`, `16MiB`, `512k`, `1G`, `2T`, `1048576` -> bytes (binary units)."""
     match = _SIZE.fullmatch(text.strip())
     if match is None or int(match.group(1)) == 0:
         raise argparse.ArgumentTypeError(f"expected a size such as 16M or 8MiB, got {text!r}")
@@ -103,6 +103,12 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
         "--older-than", type=duration, help="not used for this long (90s, 30m, 12h, 7d, 2w)"
     )
     which.add_argument("--all", action="store_true", help="every object not being downloaded")
+    which.add_argument(
+        "--max-size",
+        type=size,
+        help="remove the least recently used objects until the cache holds at most this "
+        "(512M, 40G, 1T)",
+    )
     _add_common(prune)
 
 
@@ -199,7 +205,10 @@ def run_cache(args: argparse.Namespace) -> int:
             total = sum(e.key.size for e in entries)
             print(f"{len(entries)} objects, {human_bytes(total)} in {cache.root}")
             return 0
-        removed, freed = cache.prune(None if args.all else args.older_than)
+        if args.max_size is not None:
+            removed, freed = cache.shrink(args.max_size)
+        else:
+            removed, freed = cache.prune(None if args.all else args.older_than)
         print(f"removed {removed} objects, freed {human_bytes(freed)} in {cache.root}")
         return 0
     except (StorageError, OSError) as exc:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -128,3 +130,34 @@ def test_a_hit_counts_as_a_use(tmp_path: Path) -> None:
     os.utime(path.with_suffix(".json"), (1.0, 1.0))
     cache.fetch(_key(), _filler(b"hello", []))
     assert cache.entries()[0].last_used > 1.0
+
+
+def test_shrink_drops_the_least_recently_used_until_the_cache_fits(tmp_path: Path) -> None:
+    cache = NodeCache(tmp_path)
+    paths = {}
+    for age, name in ((300, "old"), (200, "mid"), (100, "new")):
+        data = (name * 10).encode()[:30]
+        paths[name], _ = cache.fetch(_key(key=name, size=30), _filler(data, []))
+        stamp = time.time() - age
+        os.utime(paths[name].with_suffix(".json"), (stamp, stamp))
+    sizes = {e.key.key: e.key.size for e in cache.entries()}
+    assert sizes == {"old": 30, "mid": 30, "new": 30}
+    assert cache.shrink(90) == (0, 0)  # fits already
+    assert cache.shrink(60) == (1, 30)
+    assert [e.key.key for e in cache.entries()] == ["new", "mid"]
+    assert cache.shrink(1) == (2, 60)
+    assert cache.entries() == []
+    assert list((tmp_path / "objects").iterdir()) == []
+
+
+def test_shrink_skips_an_entry_another_process_is_filling(tmp_path: Path) -> None:
+    cache = NodeCache(tmp_path)
+    held, _ = cache.fetch(_key(key="held", size=40), _filler(b"h" * 40, []))
+    cache.fetch(_key(key="other", size=40), _filler(b"o" * 40, []))
+    stamp = time.time() - 1000
+    os.utime(held.with_suffix(".json"), (stamp, stamp))  # the oldest: first to go
+    lock = held.with_suffix(".lock")
+    with lock.open("w") as fd:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert cache.shrink(40) == (1, 40)  # "other" goes instead; the total is then 40
+    assert [e.key.key for e in cache.entries()] == ["held"]
