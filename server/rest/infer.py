@@ -97,9 +97,13 @@ class InferEndpoints:
         try:
             self._dataplane.admit(where.model, where.version)
         except EmberError as exc:
-            self._dataplane.reject(where.model, where.protocol, exc)
-            return error_reply(exc)
+            return self.refuse(where, exc)
         return None
+
+    def refuse(self, where: Route, error: EmberError) -> Reply:
+        """`error` as the reply to a request its transport will not read on, counted."""
+        self._dataplane.reject(where.model, where.protocol, error)
+        return error_reply(error)
 
     async def answer(
         self, where: Route, headers: Mapping[str, str], read_body: Callable[[], Awaitable[bytes]]

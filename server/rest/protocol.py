@@ -28,7 +28,7 @@ from uvicorn.server import ServerState
 
 from ember.server.errors import PayloadTooLarge
 from ember.server.rest.front import InferFront
-from ember.server.rest.infer import Reply, Route, error_reply, route, too_large
+from ember.server.rest.infer import Reply, Route, route, too_large
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _JOIN_BELOW = 64 * 1024
@@ -97,7 +97,7 @@ class InferProtocol(HttpToolsProtocol):
         self.cycle = exchange  # type: ignore[assignment]
         error = too_large(headers.get("content-length"), self._limit)
         if error is not None:
-            self._refuse(exchange, error_reply(error))
+            self._refuse(exchange, self._endpoints.refuse(where, error))
             return
         refused = self._endpoints.admit(where)
         if refused is not None:
@@ -133,7 +133,7 @@ class InferProtocol(HttpToolsProtocol):
         exchange.size += len(body)
         if exchange.size > self._limit:
             error = PayloadTooLarge(f"request body exceeds the limit of {self._limit} bytes")
-            self._refuse(exchange, error_reply(error))
+            self._refuse(exchange, self._endpoints.refuse(exchange.route, error))
             return
         exchange.chunks.append(body)
 

@@ -167,6 +167,8 @@ def test_declared_body_over_the_limit_is_refused_before_it_is_sent(ember: Any) -
     finally:
         w.close()
     server.assert_serves("identity")
+    labels = frozenset({"model_name": "identity", "protocol": "v2", "outcome": "too_large"}.items())
+    assert server.metrics()[("ember_requests_total", labels)] == 1
 
 
 def test_chunked_body_over_the_limit_is_cut_off(ember: Any) -> None:
