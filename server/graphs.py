@@ -45,6 +45,9 @@ class CudaGraphRunner(TorchRunner):
 
     def __init__(self, module: Callable[..., Any], config: ModelConfig, device: torch.device):
         super().__init__(module, config, device)
+        if self._stream is None:
+            raise ValueError(f"CUDA graphs need a CUDA device, not {device}")
+        self._graph_stream: torch.cuda.Stream = self._stream
         self._batching = config.max_batch_size > 0
         self._sizes = config.graph_batch_sizes
         self._specs = config.inputs
@@ -69,17 +72,20 @@ class CudaGraphRunner(TorchRunner):
         its memory from the shared pool."""
         pool = torch.cuda.graph_pool_handle()
         sizes: list[int | None] = list(reversed(self._sizes)) if self._batching else [None]
-        assert self._stream is not None  # a CUDA runner always has its stream
         with torch.inference_mode():
             for size in sizes:
                 static = self._static_inputs(size)
                 args = [static[n] for n in self._input_names]
-                with torch.cuda.stream(self._stream):
+                with torch.cuda.stream(self._graph_stream):
                     for _ in range(WARMUP_REPLAYS):
                         self._module(*args)
-                self._stream.synchronize()
+                self._graph_stream.synchronize()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=self._stream):
+                # thread_local: other models' instance threads may keep using the GPU while
+                # this one captures (a load through the repository API at run time).
+                with torch.cuda.graph(
+                    graph, pool=pool, stream=self._graph_stream, capture_error_mode="thread_local"
+                ):
                     outputs = self._named(self._module(*args))
                 self._graphs[size] = _Graph(graph, static, outputs)
         torch.cuda.synchronize(self._device)
@@ -89,8 +95,9 @@ class CudaGraphRunner(TorchRunner):
         if found is None:
             return super().predict(inputs)
         graph, rows = found
-        assert self._stream is not None
-        with torch.cuda.stream(self._stream):
+        # The static buffers were made under inference mode: writing them needs it too,
+        # whoever calls (the instance thread enters it; a direct caller may not).
+        with torch.inference_mode(), torch.cuda.stream(self._graph_stream):
             for name, static in graph.inputs.items():
                 tensor = numpy_to_torch(inputs[name])
                 staged = self._pinned_in.get(name, tensor.shape, tensor.dtype)

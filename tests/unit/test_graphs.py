@@ -110,3 +110,11 @@ def test_on_the_cpu_graphs_are_ignored_with_one_log_line(
     with torch.no_grad():
         want = module(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(runner.predict({"x": x})["y"], want, rtol=1e-6)
+
+
+def test_the_graph_runner_refuses_a_cpu_device(tmp_path: Path) -> None:
+    from ember.server.graphs import CudaGraphRunner
+
+    config = load_model_config(folder(tmp_path, "cuda_graphs = true"))
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device, not cpu"):
+        CudaGraphRunner(torch.nn.Linear(4, 3), config, torch.device("cpu"))
