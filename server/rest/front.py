@@ -31,6 +31,9 @@ class InferFront:
         self.app = app
         self.endpoints = endpoints
         self.max_body_bytes = max_body_bytes
+        # Request URL -> its inference route (or None), shared by the connections of the
+        # socket-level protocol: most traffic names a handful of URLs.
+        self.routes: dict[bytes, Route | None] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         where = route(scope["method"], scope["path"]) if scope["type"] == "http" else None

@@ -31,6 +31,8 @@ from ember.server.rest.front import InferFront
 from ember.server.rest.infer import Reply, Route, route, too_large
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_ROUTES_KEPT = 1024
+_UNSEEN = object()
 _JOIN_BELOW = 64 * 1024
 
 
@@ -83,11 +85,23 @@ class InferProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         self._endpoints = front.endpoints
         self._limit = front.max_body_bytes
+        self._routes = front.routes
 
     # --- parser callbacks ---------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        # uvicorn builds the ASGI scope here (a dict, a copy of the app state); an inference
+        # request never needs one, so it is built only for the requests that go to ASGI.
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+
     def on_headers_complete(self) -> None:
         where = self._inference_route()
         if where is None:
+            url, received, expect = self.url, self.headers, self.expect_100_continue
+            super().on_message_begin()
+            self.url, self.expect_100_continue = url, expect
+            self.headers.extend(received)  # the list the new scope holds
             super().on_headers_complete()
             return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.headers}
@@ -118,10 +132,16 @@ class InferProtocol(HttpToolsProtocol):
         current = self.cycle
         if current is not None and not current.response_complete:
             return None  # pipelined behind an unanswered request: uvicorn queues it in order
-        path = httptools.parse_url(self.url).path
-        if b"%" in path:
-            return None  # percent-encoded names: uvicorn's path decoding applies
-        return route("POST", path.decode("latin-1"))
+        url = self.url
+        found = self._routes.get(url, _UNSEEN)
+        if found is _UNSEEN:
+            path = httptools.parse_url(url).path
+            # Percent-encoded names take uvicorn's path, which decodes them.
+            found = None if b"%" in path else route("POST", path.decode("latin-1"))
+            if len(self._routes) >= _ROUTES_KEPT:
+                self._routes.clear()  # a scan of made-up URLs cannot grow it without bound
+            self._routes[url] = found
+        return found  # type: ignore[return-value]
 
     def on_body(self, body: bytes) -> None:
         exchange = self.cycle

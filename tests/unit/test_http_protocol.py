@@ -157,3 +157,14 @@ async def test_shutdown_lets_the_answer_out_then_closes(wired: Any) -> None:
     [answer] = await _until(transport, 1)
     assert answer.startswith(b"200 OK\r\n") and b"connection: close\r\n" in answer
     assert transport.closed
+
+
+async def test_the_route_cache_stays_bounded_under_a_scan_of_names(wired: Any) -> None:
+    app, connect = wired
+    protocol, transport = connect()
+    for i in range(1500):
+        protocol.data_received(_post(f"/v2/models/m{i}/infer", b"{}"))
+    answers = await _until(transport, 1500)
+    assert all(a.startswith(b"404 ") for a in answers)
+    assert len(app.front.routes) <= 1024
+    assert app.paths == []  # every one refused from its headers
