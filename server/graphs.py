@@ -53,10 +53,6 @@ class CudaGraphRunner(TorchRunner):
         self._specs = config.inputs
         self._graphs: dict[int | None, _Graph] = {}
 
-    @property
-    def captured(self) -> list[int | None]:
-        return sorted(self._graphs, key=lambda s: s or 0)
-
     def _static_inputs(self, size: int | None) -> dict[str, torch.Tensor]:
         tensors = {}
         for spec in self._specs:

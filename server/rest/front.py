@@ -14,16 +14,20 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from ember.server.errors import PayloadTooLarge
-from ember.server.rest.infer import Disconnected, InferEndpoints, Route, route, too_large
+from ember.server.rest.infer import (
+    Disconnected,
+    InferEndpoints,
+    Route,
+    over_limit,
+    route,
+    too_large,
+)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-_JOIN_BELOW = 64 * 1024
 
 
 class InferFront:
@@ -59,7 +63,7 @@ class InferFront:
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 if size > limit:
-                    raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+                    raise over_limit(limit)
                 chunks.append(chunk)
                 if not message.get("more_body", False):
                     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -79,9 +83,7 @@ class InferFront:
             }
         )
         tail = reply.tail
-        if tail and len(reply) <= _JOIN_BELOW:
-            # Small answers go out in one write: a transport write per tensor costs more than
-            # copying a few kilobytes (py-spy, ember bench at c=32).
+        if tail and reply.one_write:
             await send({"type": "http.response.body", "body": b"".join([reply.body, *tail])})
             return
         await send({"type": "http.response.body", "body": reply.body, "more_body": bool(tail)})

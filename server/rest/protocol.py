@@ -6,7 +6,7 @@ goes through two ASGI messages and its header checks (py-spy, `ember bench` at c
 the event loop's time). For the inference routes this protocol skips all of that: a request
 that cannot be queued (unknown model, not ready, queue full, body too large) is refused from
 its headers, in the parser callback itself; otherwise the body is collected by the parser's
-callbacks, one task asks `InferEndpoints.answer` (the same call the ASGI front makes) and the
+callbacks, one task asks `InferEndpoints.answer_admitted` (where the ASGI front ends too) and the
 reply is written as one buffer. Every other request, and any request pipelined behind another
 on the same connection, takes uvicorn's own path unchanged, so FastAPI routes, pipelining
 order, flow control and graceful shutdown behave exactly as uvicorn's.
@@ -26,14 +26,12 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from ember.server.errors import PayloadTooLarge
 from ember.server.rest.front import InferFront
-from ember.server.rest.infer import Reply, Route, route, too_large
+from ember.server.rest.infer import Reply, Route, over_limit, route, too_large
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _ROUTES_KEPT = 1024
 _UNSEEN = object()
-_JOIN_BELOW = 64 * 1024
 
 
 class _Signal:
@@ -152,7 +150,7 @@ class InferProtocol(HttpToolsProtocol):
             return  # refused already; the connection is closing
         exchange.size += len(body)
         if exchange.size > self._limit:
-            error = PayloadTooLarge(f"request body exceeds the limit of {self._limit} bytes")
+            error = over_limit(self._limit)
             self._refuse(exchange, self._endpoints.refuse(exchange.route, error))
             return
         exchange.chunks.append(body)
@@ -176,7 +174,8 @@ class InferProtocol(HttpToolsProtocol):
         async def read_body() -> bytes:
             return body
 
-        reply = await self._endpoints.answer(exchange.route, exchange.headers, read_body)
+        # Admitted already, from the headers (on_headers_complete).
+        reply = await self._endpoints.answer_admitted(exchange.route, exchange.headers, read_body)
         if reply is not None:
             self._write(exchange, reply)
 
@@ -204,8 +203,7 @@ class InferProtocol(HttpToolsProtocol):
         if not exchange.keep_alive:
             head.append(b"connection: close\r\n")
         head += (b"\r\n", reply.body)
-        if size <= _JOIN_BELOW:
-            # One write per answer: each transport write is a syscall on the hot path.
+        if reply.one_write:
             head += reply.tail
             self.transport.write(b"".join(head))
         else:
