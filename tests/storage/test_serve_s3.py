@@ -131,15 +131,20 @@ def tiny_folder(root: Path, uri: str) -> Path:
     return folder
 
 
-def test_weights_from_s3_answer_as_from_disk(rclone: Any, serve: Any, tmp_path: Path) -> None:
-    torch.manual_seed(3)
+def tiny_on_s3(rclone: Any, root: Path, seed: int) -> tuple[Path, Path]:
+    """The tiny model twice: with its weights on disk, and with the same weights on S3."""
+    torch.manual_seed(seed)
     linear = torch.nn.Linear(4, 3)
     state = {f"linear.{k}": v.contiguous() for k, v in linear.state_dict().items()}
-    local = tiny_folder(tmp_path / "local", "weights.safetensors")
+    local = tiny_folder(root / "local", "weights.safetensors")
     save_file(state, str(local / "weights.safetensors"))
     bucket = rclone.new_bucket()
     rclone.put(bucket, "w/tiny.safetensors", (local / "weights.safetensors").read_bytes())
-    remote = tiny_folder(tmp_path / "remote", f"s3://{bucket}/w/tiny.safetensors")
+    return local, tiny_folder(root / "remote", f"s3://{bucket}/w/tiny.safetensors")
+
+
+def test_weights_from_s3_answer_as_from_disk(rclone: Any, serve: Any, tmp_path: Path) -> None:
+    local, remote = tiny_on_s3(rclone, tmp_path, seed=3)
     env = rclone.env(EMBER_CACHE_DIR=str(tmp_path / "cache"))
 
     local_url, _ = serve(["--model-repository", str(local.parent)], env)
@@ -199,17 +204,10 @@ def test_weights_prefetched_during_imports_are_downloaded_once(
 ) -> None:
     # The CLI starts pulling while torch imports and the loader asks again: one download,
     # however the two meet (the loader waits on the cache's lock, then finds the file).
-    torch.manual_seed(5)
-    linear = torch.nn.Linear(4, 3)
-    state = {f"linear.{k}": v.contiguous() for k, v in linear.state_dict().items()}
-    local = tiny_folder(tmp_path / "local", "weights.safetensors")
-    save_file(state, str(local / "weights.safetensors"))
-    bucket = rclone.new_bucket()
-    rclone.put(bucket, "w/tiny.safetensors", (local / "weights.safetensors").read_bytes())
+    local, remote = tiny_on_s3(rclone, tmp_path, seed=5)
     # Each GET is held about as long as torch takes to import, so the loader usually asks
     # while the prefetch's GET is still in flight; either way only one may reach S3.
     front = proxy(rclone, delay=3.0)
-    remote = tiny_folder(tmp_path / "remote", f"s3://{bucket}/w/tiny.safetensors")
     env = rclone.env(front.endpoint, EMBER_CACHE_DIR=str(tmp_path / "cache"))
     remote_url, _ = serve(["--model-repository", str(remote.parent)], env)
     local_url, _ = serve(["--model-repository", str(local.parent)], env)
