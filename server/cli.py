@@ -13,6 +13,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve a model repository (KServe V1, V2 REST)")
     add_serve_arguments(serve)
+    from ember.activator.settings import add_activator_arguments
+
+    activator = sub.add_parser(
+        "activator", help="queue-while-cold proxy and scaler in front of predictor replicas"
+    )
+    add_activator_arguments(activator)
     bench = sub.add_parser("bench", help="closed-loop load against a V2 endpoint")
     from ember.server.bench.cli import add_bench_arguments
 
@@ -43,6 +49,17 @@ def main(argv: list[str] | None = None) -> int:
         from ember.server.serve import run
 
         return run(settings, started)
+    if args.command == "activator":
+        from ember.activator.settings import settings_from as activator_settings
+
+        try:
+            chosen = activator_settings(args)
+        except ValueError as exc:
+            print(f"ember activator: {exc}", file=sys.stderr)
+            return 2
+        from ember.activator.run import run as run_activator
+
+        return run_activator(chosen)
     if args.command == "bench":
         from ember.server.bench.cli import run_bench
 

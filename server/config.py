@@ -79,6 +79,27 @@ class BatchingConfig(_Strict):
     default_priority_level: Annotated[int, Field(ge=0)] = 0
 
 
+class ScalingConfig(_Strict):
+    """model.toml `[scaling]`: read by the activator only (the predictor ignores it). A key left
+    out takes the activator's default (its flags, which default to Knative's values)."""
+
+    min_replicas: Annotated[int, Field(ge=0)] | None = None
+    # 0 = no limit.
+    max_replicas: Annotated[int, Field(ge=0)] | None = None
+    # Requests one replica may hold at once; 0 = no limit.
+    container_concurrency: Annotated[int, Field(ge=0)] | None = None
+    target_concurrency: Annotated[float, Field(gt=0)] | None = None
+    target_utilization: Annotated[float, Field(gt=0, le=1)] | None = None
+    stable_window_s: Annotated[float, Field(ge=6, le=3600)] | None = None
+    panic_window_pct: Annotated[float, Field(ge=1, le=100)] | None = None
+    panic_threshold_pct: Annotated[float, Field(gt=100, le=1000)] | None = None
+    max_scale_up_rate: Annotated[float, Field(gt=1)] | None = None
+    max_scale_down_rate: Annotated[float, Field(gt=1)] | None = None
+    scale_to_zero_grace_s: Annotated[float, Field(ge=0)] | None = None
+    activation_timeout_s: Annotated[float, Field(gt=0)] | None = None
+    queue_depth: Annotated[int, Field(ge=1)] | None = None
+
+
 class ModelConfig(_Strict):
     name: str
     format: Format
@@ -104,6 +125,7 @@ class ModelConfig(_Strict):
     cuda_graph_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list)
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
     max_batch_size: Annotated[int, Field(ge=0)] = 0
+    scaling: ScalingConfig | None = None
 
     @field_validator("name")
     @classmethod

@@ -48,7 +48,8 @@ def _nice(value: str) -> int:
     return number
 
 
-def _flag(value: str) -> bool:
+def parse_flag(value: str) -> bool:
+    """true/false, yes/no, on/off, 1/0, as KServe's boolean flags take them."""
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -130,7 +131,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--enable-grpc",
         dest="enable_grpc",
         default="true",
-        type=_flag,
+        type=parse_flag,
         help="serve V2 gRPC on --grpc_port (default true)",
     )
     add(

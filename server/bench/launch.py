@@ -47,7 +47,8 @@ def taskset_executable() -> str:
 
 
 class ServerProcess:
-    """One `ember serve` child: started by `start()`, stopped (SIGTERM, then SIGKILL) on exit."""
+    """One `ember serve` (or `ember activator`) child: started by `start()`, stopped (SIGTERM,
+    then SIGKILL) on exit."""
 
     def __init__(
         self,
@@ -57,7 +58,9 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         cpus: Collection[int] | None = None,
         extra_args: Sequence[str] = (),
+        command: str = "serve",
     ) -> None:
+        self.command = command
         self.repository = repository
         self.model = model
         self.env = env
@@ -90,7 +93,7 @@ class ServerProcess:
         # Kept open for the server's life (closed by stop()): its log, shown if it fails.
         self._log = tempfile.TemporaryFile(prefix="ember-bench-serve-")  # noqa: SIM115
         argv = [
-            ember_executable(), "serve", "--model-repository", str(self.repository),
+            ember_executable(), self.command, "--model-repository", str(self.repository),
             "--model", self.model, "--host", self.host, "--http_port", str(self.port),
             "--grpc_port", str(self.grpc_port),
             # Warnings only: a log line per request would be measured as server time.
@@ -125,7 +128,7 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise BenchError(
-                    f"ember serve exited with {process.returncode}:\n{self.log_tail()}"
+                    f"ember {self.command} exited with {process.returncode}:\n{self.log_tail()}"
                 )
             # Refused while it starts, 503 while it loads: both are OSErrors here.
             with (
@@ -135,7 +138,9 @@ class ServerProcess:
                 if answer.status == 200:
                     return
             time.sleep(POLL_SECONDS)
-        raise BenchError(f"ember serve not ready after {timeout:.0f} s:\n{self.log_tail()}")
+        raise BenchError(
+            f"ember {self.command} not ready after {timeout:.0f} s:\n{self.log_tail()}"
+        )
 
     def stop(self) -> int | None:
         process = self._process

@@ -19,9 +19,17 @@ DEFAULT_GRPC_PORT = 8081
 TRANSPORTS = {"v2-json": "http", "v2-binary": "http", "grpc": "grpc"}
 
 # `--compare`: a second server measured in the same run, and the `ember serve` flags that make
-# it. Its rows are labelled with the name, the first server's with `PRIMARY`.
-COMPARE_FLAGS = {"no-batching": ("--no-batching",)}
+# it. Its rows are labelled with the name, the first server's with `primary_label()`.
+# `activator`: the same model served by a replica that `ember activator` starts, through it.
+ACTIVATOR = "activator"
+COMPARE_FLAGS: dict[str, tuple[str, ...]] = {"no-batching": ("--no-batching",), ACTIVATOR: ()}
 PRIMARY = "batching"
+
+
+def primary_label(compare: str | None) -> str:
+    return "direct" if compare == ACTIVATOR else PRIMARY
+
+
 DEFAULT_RETRY_AFTER_CAP = 1.0
 
 

@@ -567,6 +567,7 @@ def document(
     servers: Sequence[dict[str, Any]] = (),
     max_batch: int = 1,
     checks: Sequence[dict[str, Any]] = (),
+    cold_start: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every number of the run, with what it ran on and when."""
     results = []
@@ -603,5 +604,6 @@ def document(
             overload, peak(rows, rows[0].server if rows else "", overload.protocol)
         ),
         "client_check": client_headroom(rows),
+        "cold_start_through_activator": cold_start,
         "targets": list(checks),
     }

@@ -28,6 +28,7 @@ from typing import Any, TextIO, TypeVar
 import orjson
 
 from ember.server.bench import cpus, memcopy, raw, report, targets
+from ember.server.bench.activator import ColdStart, format_cold_start, measure_cold_start
 from ember.server.bench.echo import EchoServer
 from ember.server.bench.errors import BenchError
 from ember.server.bench.launch import ServerProcess
@@ -43,10 +44,11 @@ from ember.server.bench.load import (
 from ember.server.bench.modelcopy import write_queue_copy
 from ember.server.bench.observe import Probe
 from ember.server.bench.options import (
+    ACTIVATOR,
     COMPARE_FLAGS,
-    PRIMARY,
     BenchOptions,
     grpc_target,
+    primary_label,
     problems,
     torch_threads,
 )
@@ -103,6 +105,7 @@ class _Measured:
     servers: list[dict[str, Any]] = field(default_factory=list)
     rows_per_request: int = 1
     max_batch: int = 1  # requests the model can take in one forward
+    cold_start: ColdStart | None = None  # --compare activator
 
 
 def _plan(
@@ -279,12 +282,15 @@ def _pinning(options: BenchOptions) -> _Pinning | None:
 def _targets(options: BenchOptions, config: ModelConfig) -> list[_Target]:
     if options.compare is None:
         return [_Target("")]
-    if config.batching is None:
+    if options.compare != ACTIVATOR and config.batching is None:
         raise BenchError(
             f"--compare {options.compare}: model '{options.model}' has no [batching] section, "
             "so both servers would be the same"
         )
-    return [_Target(PRIMARY), _Target(options.compare, COMPARE_FLAGS[options.compare])]
+    return [
+        _Target(primary_label(options.compare)),
+        _Target(options.compare, COMPARE_FLAGS[options.compare]),
+    ]
 
 
 def _serve_repository(
@@ -340,19 +346,29 @@ def _start(
         # Both: the flag sets torch's pool, the variable every OpenMP user in the server.
         env["OMP_NUM_THREADS"] = str(threads)
         flags += ["--torch-threads", str(threads)]
+    server_cpus = pinning.server if pinning else None
+    command = "serve"
+    if target.label == ACTIVATOR:
+        # The activator runs beside this bench (it is part of the path being measured); the
+        # replica it starts gets the server's CPUs and the server's flags.
+        command = "activator"
+        flags = [f"--serve-arg={flag}" for flag in (*flags, "--log-level", "warning")]
+        if server_cpus is not None:
+            flags += ["--replica-cpus", cpus.format_cpu_list(server_cpus)]
+        server_cpus = None
     server = stack.enter_context(
         ServerProcess(
-            repository, options.model, env=env, extra_args=flags,
-            cpus=pinning.server if pinning else None,
+            repository, options.model, env=env, extra_args=flags, cpus=server_cpus,
+            command=command,
         )
     )  # fmt: skip
     label = f" ({target.label})" if target.label else ""
-    print(f"started ember serve{label} (pid {server.pid}) at {server.url}", file=log)
+    print(f"started ember {command}{label} (pid {server.pid}) at {server.url}", file=log)
     server.wait_ready(options.ready_timeout)
     allowed = cpus.cpus_allowed_list(server.pid) if server.pid else None
-    if pinning is not None and allowed != cpus.format_cpu_list(pinning.server):
+    if server_cpus is not None and allowed != cpus.format_cpu_list(server_cpus):
         print(f"warning: the server may use CPUs {allowed}, not "
-              f"{cpus.format_cpu_list(pinning.server)}", file=log)  # fmt: skip
+              f"{cpus.format_cpu_list(server_cpus)}", file=log)  # fmt: skip
     info = {
         "label": target.label, "flags": flags, "pid": server.pid, "url": server.url,
         "cpus_allowed": allowed, "repository": str(repository),
@@ -389,6 +405,15 @@ def _one_server(
             measured.servers.append(info)
             endpoints = {"http": server.url, "grpc": server.grpc_target}
             pid = server.pid
+            if target.label == ACTIVATOR:
+                # The model is at zero: the first request wakes it (timed), then the probes
+                # read the replica's CPU (the activator's counts among the others).
+                cold = _run_async(measure_cold_start(protocols[0], endpoints, options.model))
+                measured.cold_start = cold
+                pid = cold.replica_pid
+                info["replica_pid"] = pid
+                print(f"cold start through the activator: {cold.first_response_s:.3f} s",
+                      file=log)  # fmt: skip
         else:
             endpoints = {"http": options.url, "grpc": grpc_target(options.url, options.grpc_url)}
         # One checked request per protocol first: a wrong URL or model fails now, not after
@@ -519,6 +544,8 @@ def _print_report(options: BenchOptions, measured: _Measured, out: TextIO) -> li
     if measured.overload is not None:
         peak = report.peak(infer, first_server, measured.overload.protocol)
         print("\n" + report.format_overload(measured.overload, peak), file=out)
+    if measured.cold_start is not None:
+        print("\n" + format_cold_start(measured.cold_start), file=out)
     client = report.format_client_check(report.client_headroom(rows))
     if client:
         print("\n" + client, file=out)
@@ -540,8 +567,9 @@ def execute(options: BenchOptions, out: TextIO = sys.stdout, log: TextIO = sys.s
         return 2
     rates = _print_report(options, measured, out)
     checks = targets.evaluate(
-        measured.rows, measured.raw_rates, measured.overload, measured.max_batch
-    )
+        measured.rows, measured.raw_rates, measured.overload, measured.max_batch,
+        cold_start=measured.cold_start,
+    )  # fmt: skip
     if checks:
         print("\n" + targets.format_checks(checks), file=out)
     if options.json is not None:
@@ -550,6 +578,8 @@ def execute(options: BenchOptions, out: TextIO = sys.stdout, log: TextIO = sys.s
             rows=measured.rows, raw=measured.raw, now=started, copy=measured.copy, rates=rates,
             raw_rates=measured.raw_rates, overload=measured.overload, servers=measured.servers,
             max_batch=measured.max_batch,
+            cold_start=None if measured.cold_start is None
+            else dataclasses.asdict(measured.cold_start),
             checks=[{**dataclasses.asdict(c), "met": c.met} for c in checks],
         )  # fmt: skip
         Path(options.json).write_bytes(

@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ember.server.bench import report
+from ember.server.bench.activator import ColdStart
 from ember.server.bench.load import OverloadStats, RawRate, Stats
+from ember.server.bench.options import ACTIVATOR
 
 # Served rows/s at the largest concurrency as a share of the raw forward's at that batch.
 SHARE_OF_RAW = {"v2-binary": 0.45, "v2-json": 0.35}
@@ -19,6 +21,11 @@ OVER_COMPARED = 3.0  # rows/s with batching over the same server without it
 P99_OVER_P50 = 3.0
 GOODPUT_OF_PEAK = 0.90
 REJECTION_P99_MS = 5.0
+# The activator issue's: latency it adds warm, its throughput against going direct, and what
+# it adds to the predictor's own cold start.
+ACTIVATOR_P50_ADDED_MS = 1.0
+ACTIVATOR_OF_DIRECT = 0.85
+ACTIVATOR_COLD_ADDED_MS = 500.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,11 +62,14 @@ def evaluate(
     raw_rates: Sequence[RawRate],
     overload: OverloadStats | None,
     max_batch: int,
+    cold_start: ColdStart | None = None,
 ) -> list[Check]:
     """Each target that applies to this run (the protocols it ran, --compare, --overload)."""
     items = report.levels(rows, raw_rates, max_batch)
     if not items:
         return []
+    if any(i.server == ACTIVATOR for i in items):
+        return _activator_checks(items, cold_start)
     primary = items[0].server
     top = max(i.concurrency for i in items)
     at_top = [i for i in items if i.server == primary and i.concurrency == top]
@@ -90,8 +100,37 @@ def evaluate(
     return checks
 
 
+def _activator_checks(items: Sequence[report.Level], cold_start: ColdStart | None) -> list[Check]:
+    """Through the activator against direct to the same kind of replica, level by level: p50
+    added at every concurrency, throughput at the largest."""
+    direct = {(i.protocol, i.concurrency): i for i in items if i.server != ACTIVATOR}
+    top = max(i.concurrency for i in items)
+    checks = []
+    for level in (i for i in items if i.server == ACTIVATOR):
+        base = direct.get((level.protocol, level.concurrency))
+        if base is None:
+            continue
+        where = f"{level.protocol} c={level.concurrency}"
+        added = None
+        if level.p50_ms is not None and base.p50_ms is not None:
+            added = level.p50_ms - base.p50_ms
+        checks.append(Check(f"{where}: p50 added by the activator", added,
+                            ACTIVATOR_P50_ADDED_MS, False, "ms"))  # fmt: skip
+        if level.concurrency == top:
+            share = level.rps / base.rps if base.rps else None
+            checks.append(Check(f"{where}: requests/s through the activator of direct", share,
+                                ACTIVATOR_OF_DIRECT, True, "share"))  # fmt: skip
+    if cold_start is not None:
+        added_s = cold_start.added_s
+        checks.append(Check(
+            "cold start: first response minus the predictor's own start-to-ready",
+            None if added_s is None else added_s * 1000, ACTIVATOR_COLD_ADDED_MS, False, "ms",
+        ))  # fmt: skip
+    return checks
+
+
 def format_checks(checks: Sequence[Check]) -> str:
-    lines = ["targets (the batching issue's, at this run's largest concurrency):"]
+    lines = ["targets (the issue's, at this run's levels):"]
     for check in checks:
         verdict = {True: "met", False: "NOT met", None: "not measured"}[check.met]
         sign = ">=" if check.at_least else ("<" if check.unit == "ms" else "<=")

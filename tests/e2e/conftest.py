@@ -195,14 +195,17 @@ def launch(
     port: int | None = None,
     port_flag: bool = True,
     cwd: Path | None = None,
+    command: str = "serve",
 ) -> EmberProcess:
     """Start `ember serve ARGS --host 127.0.0.1 --http_port PORT`; does not wait for it.
+
+    `command="activator"` starts `ember activator` the same way.
 
     `env` is added to this process's environment, minus the variables `ember serve` reads.
     With `port_flag=False` no `--http_port` is passed (the caller sets `PORT` in `env`).
     """
     port = free_port() if port is None else port
-    argv = ["serve", *(str(a) for a in args), "--host", "127.0.0.1"]
+    argv = [command, *(str(a) for a in args), "--host", "127.0.0.1"]
     if "--grpc_port" not in argv:
         # Servers run side by side: each gets its own gRPC port too.
         argv += ["--grpc_port", str(free_port())]
@@ -228,16 +231,19 @@ def launch(
 
 
 def start_ready(
-    *args: str | Path, env: dict[str, str] | None = None, cwd: Path | None = None
+    *args: str | Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    command: str = "serve",
 ) -> EmberProcess:
     """Launch and wait until ready, retrying with another port if this one was taken."""
     for _ in range(3):
-        server = launch(*args, env=env, cwd=cwd)
+        server = launch(*args, env=env, cwd=cwd, command=command)
         try:
             server.wait_ready()
             return server
         except pytest.fail.Exception:
-            if server.process.poll() is not None and "cannot listen" in server.stderr():
+            if server.process.poll() is not None and "listen" in server.stderr():
                 continue
             server.stop()
             raise
@@ -267,6 +273,7 @@ class EmberFactory(Protocol):
         port_flag: bool = True,
         port: int | None = None,
         cwd: Path | None = None,
+        command: str = "serve",
     ) -> EmberProcess: ...
 
 
@@ -282,11 +289,14 @@ def ember() -> Iterator[EmberFactory]:
         port_flag: bool = True,
         port: int | None = None,
         cwd: Path | None = None,
+        command: str = "serve",
     ) -> EmberProcess:
         if wait == "ready" and port_flag and port is None:
-            server = start_ready(*args, env=env, cwd=cwd)
+            server = start_ready(*args, env=env, cwd=cwd, command=command)
         else:
-            server = launch(*args, env=env, port=port, port_flag=port_flag, cwd=cwd)
+            server = launch(
+                *args, env=env, port=port, port_flag=port_flag, cwd=cwd, command=command
+            )
             if wait == "ready":
                 server.wait_ready()
             elif wait == "live":

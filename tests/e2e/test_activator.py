@@ -1,0 +1,350 @@
+"""`ember activator` as a process in front of real `ember serve` replicas it starts itself.
+
+Each test writes its own model repository (a Python model that sleeps on request, with the
+`[scaling]` section the test needs) and talks to the activator with plain HTTP and
+tritonclient. Scaling windows are set short (the smallest stable window, 6 s) and the scaler
+ticks every 0.2 s, so scale-up, scale-to-zero and replacement happen within seconds.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+_MODEL_PY = '''
+import time
+
+import numpy as np
+
+
+class Sleepy:
+    """Echoes x after sleeping `delay` seconds (0 when absent); may sleep or fail while loading."""
+
+    def __init__(self, model_dir, device, load_seconds=0.0, fail=""):
+        if fail:
+            raise RuntimeError(fail)
+        time.sleep(load_seconds)
+
+    def predict(self, inputs):
+        delay = inputs.get("delay")
+        if delay is not None:
+            time.sleep(float(delay.reshape(-1)[0]))
+        return {"y": inputs["x"]}
+'''
+
+
+def _model_toml(name: str, scaling: str, kwargs: str, instances: int) -> str:
+    return textwrap.dedent(
+        f"""
+        name = "{name}"
+        format = "python"
+        class = "model:Sleepy"
+        device = "cpu"
+        instances = {instances}
+        kwargs = {{ {kwargs} }}
+
+        [scaling]
+        stable_window_s = 6
+        scale_to_zero_grace_s = 0.5
+        {scaling}
+
+        [[inputs]]
+        name = "x"
+        datatype = "FP32"
+        shape = [-1]
+
+        [[inputs]]
+        name = "delay"
+        datatype = "FP32"
+        shape = [1]
+        optional = true
+
+        [[outputs]]
+        name = "y"
+        datatype = "FP32"
+        shape = [-1]
+        """
+    )
+
+
+def repository(root: Path, models: dict[str, dict[str, Any]]) -> Path:
+    """One folder per model: {name: {"scaling": "toml lines", "kwargs": "...", "instances": n}}."""
+    for name, spec in models.items():
+        folder = root / name
+        folder.mkdir(parents=True)
+        (folder / "model.py").write_text(_MODEL_PY)
+        toml = _model_toml(
+            name,
+            textwrap.dedent(spec.get("scaling", "")).strip().replace("\n", "\n        "),
+            spec.get("kwargs", ""),
+            spec.get("instances", 1),
+        )
+        (folder / "model.toml").write_text(textwrap.dedent(toml))
+    return root
+
+
+def body(x: float = 1.0, delay: float = 0.0) -> dict[str, Any]:
+    inputs = [{"name": "x", "datatype": "FP32", "shape": [1], "data": [x]}]
+    if delay:
+        inputs.append({"name": "delay", "datatype": "FP32", "shape": [1], "data": [delay]})
+    return {"inputs": inputs}
+
+
+class Activator:
+    def __init__(self, process: Any) -> None:
+        self.process = process
+        self.url = process.base_url
+        args = process.args
+        self.grpc_port = int(args[args.index("--grpc_port") + 1])
+
+    def status(self, model: str) -> dict[str, Any]:
+        response = httpx.get(f"{self.url}/status", timeout=10)
+        assert response.status_code == 200, response.text
+        doc: dict[str, Any] = response.json()["models"][model]
+        return doc
+
+    def infer(self, model: str, payload: dict[str, Any], timeout: float = 60) -> httpx.Response:
+        return httpx.post(f"{self.url}/v2/models/{model}/infer", json=payload, timeout=timeout)
+
+    def wait_for(
+        self, model: str, check: Callable[[dict[str, Any]], bool], timeout: float, what: str
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        doc = self.status(model)
+        while not check(doc):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what}: not within {timeout} s; status {doc}; {self.log()}")
+            time.sleep(0.05)
+            doc = self.status(model)
+        return doc
+
+    def log(self) -> str:
+        return str(self.process.stderr()[-4000:])
+
+
+@pytest.fixture
+def activator(ember: Any, tmp_path: Path) -> Callable[..., Activator]:
+    def start(models: dict[str, dict[str, Any]], *flags: str) -> Activator:
+        repo = repository(tmp_path / "repo", models)
+        process = ember(
+            "--model-repository", repo, "--run-dir", tmp_path / "run",
+            "--tick-seconds", "0.2", "--probe-interval", "0.05", "--log-format", "json",
+            *flags, command="activator",
+        )  # fmt: skip
+        return Activator(process)
+
+    return start
+
+
+def test_first_request_at_zero_is_served_and_reports_its_cold_start(
+    activator: Callable[..., Activator],
+) -> None:
+    act = activator({"echo": {}})
+    assert act.status("echo")["ready"] == 0
+    started = time.monotonic()
+    response = act.infer("echo", body(3.0))
+    elapsed = time.monotonic() - started
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"][0]["data"] == [3.0]
+    cold_ms = int(response.headers["x-ember-cold-start-ms"])
+    assert 100 < cold_ms <= elapsed * 1000 + 1
+    # Warm now: no cold-start header, and the replica is in rotation.
+    warm = act.infer("echo", body(4.0))
+    assert warm.status_code == 200 and "x-ember-cold-start-ms" not in warm.headers
+    doc = act.status("echo")
+    assert doc["ready"] == 1 and doc["desired"] == 1
+    metrics = httpx.get(f"{act.url}/metrics").text
+    assert 'ember_activator_cold_start_seconds_count{model_name="echo"} 1.0' in metrics
+    assert 'ember_activator_responses_total{code="200",model_name="echo"} 2.0' in metrics
+
+
+def _replica_inflight(port: int) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    for line in text.splitlines():
+        if line.startswith("ember_inflight_requests{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_hundred_requests_at_zero_never_exceed_container_concurrency(
+    activator: Callable[..., Activator],
+) -> None:
+    act = activator(
+        {"cc4": {"scaling": "container_concurrency = 4\nmax_replicas = 2", "instances": 4}}
+    )
+    seen: dict[int, float] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        # Sample every replica's own in-flight gauge and the activator's count while it runs.
+        while not done.is_set():
+            try:
+                for replica in act.status("cc4")["replicas"]:
+                    if replica["state"] == "ready":
+                        port = replica["http_port"]
+                        seen[port] = max(seen.get(port, 0), _replica_inflight(port))
+                        seen[-port] = max(seen.get(-port, 0), replica["in_flight"])
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(100) as pool:
+            answers = list(pool.map(lambda i: act.infer("cc4", body(i, 0.05)), range(100)))
+    finally:
+        done.set()
+        watcher.join()
+    assert [a.status_code for a in answers] == [200] * 100, [a.text for a in answers][:3]
+    assert [a.json()["outputs"][0]["data"] for a in answers] == [[float(i)] for i in range(100)]
+    assert seen, "no replica was ever sampled"
+    assert max(seen.values()) <= 4, seen
+    assert max(seen.values()) >= 2, seen  # the sampling did see concurrent requests
+    doc = act.status("cc4")
+    assert doc["ready"] <= 2 and doc["queued"] == 0
+
+
+def test_idle_model_scales_to_zero_and_a_request_during_scale_down_succeeds(
+    activator: Callable[..., Activator],
+) -> None:
+    act = activator({"echo": {}})
+    assert act.infer("echo", body()).status_code == 200
+    # Stable window 6 s without traffic, then 0.5 s of grace: the scaler asks for 0.
+    act.wait_for("echo", lambda d: d["desired"] == 0, 20, "scale to zero")
+    # The replica is leaving (or has left): a request now must still be answered.
+    response = act.infer("echo", body(7.0))
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"][0]["data"] == [7.0]
+    act.wait_for("echo", lambda d: d["desired"] == 1 and d["ready"] == 1, 20, "back up")
+    act.wait_for("echo", lambda d: d["desired"] == 0 and not d["replicas"], 25, "stopped again")
+
+
+def test_kill_9_of_a_replica_under_load_fails_no_request(
+    activator: Callable[..., Activator],
+) -> None:
+    act = activator({"pair": {"scaling": "min_replicas = 2\nmax_replicas = 2", "instances": 2}})
+    doc = act.wait_for("pair", lambda d: d["ready"] == 2, 60, "two replicas")
+    victim = doc["replicas"][0]["pid"]
+    stop = threading.Event()
+    codes: list[int] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                answer = http.post(f"{act.url}/v2/models/pair/infer", json=body(1.0, 0.02))
+                with lock:
+                    codes.append(answer.status_code)
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.0)
+        os.kill(victim, signal.SIGKILL)
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert codes and set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
+    doc = act.wait_for("pair", lambda d: d["ready"] == 2, 60, "a replacement")
+    assert victim not in [r["pid"] for r in doc["replicas"]]
+
+
+def test_queue_overflow_is_503_and_activation_timeout_is_504(
+    activator: Callable[..., Activator], expect_error: Any
+) -> None:
+    act = activator(
+        {
+            "narrow": {"scaling": "container_concurrency = 1\nmax_replicas = 1\nqueue_depth = 2"},
+            "sluggish": {"scaling": "activation_timeout_s = 1", "kwargs": "load_seconds = 20"},
+        }
+    )
+    # sluggish: its replica takes 20 s to load; a request may wait 1 s.
+    started = time.monotonic()
+    expect_error(act.infer("sluggish", body()), 504, "sluggish")
+    assert time.monotonic() - started < 5
+    # narrow: one slot, two queue places; the rest are refused at once.
+    act.infer("narrow", body())  # warm it up
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda i: act.infer("narrow", body(i, 0.5)), range(8)))
+    codes = sorted(a.status_code for a in answers)
+    assert codes.count(503) >= 4 and set(codes) == {200, 503}, codes
+    refused = next(a for a in answers if a.status_code == 503)
+    expect_error(refused, 503, "narrow", "queue")
+    assert refused.headers["retry-after"] == "1"
+    # The server carries on.
+    assert act.infer("narrow", body(2.0)).json()["outputs"][0]["data"] == [2.0]
+
+
+def test_a_model_that_cannot_start_fails_its_requests_with_the_reason(
+    activator: Callable[..., Activator], expect_error: Any
+) -> None:
+    act = activator({"broken": {"kwargs": 'fail = "weights are corrupt"'}})
+    started = time.monotonic()
+    message = expect_error(act.infer("broken", body()), 502, "broken", "failed to start")
+    assert "weights are corrupt" in message, message
+    assert time.monotonic() - started < 30
+    expect_error(act.infer("nope", body()), 404, "nope")
+
+
+def test_server_level_calls_are_answered_without_waking_a_model(
+    activator: Callable[..., Activator],
+) -> None:
+    act = activator({"echo": {}})
+    for path, expected in (
+        ("/v2/health/live", {"live": True}),
+        ("/v2/health/ready", {"ready": True}),
+        ("/v2/models/echo/ready", {"ready": True}),
+        ("/v1/models/echo", {"name": "echo", "ready": True}),
+        ("/v1/models", {"models": ["echo"]}),
+    ):
+        response = httpx.get(act.url + path)
+        assert response.status_code == 200 and response.json() == expected, (path, response.text)
+    assert httpx.get(act.url + "/v2/models/nope/ready").status_code == 404
+    time.sleep(0.5)
+    assert act.status("echo")["desired"] == 0 and act.status("echo")["replicas"] == []
+
+
+def test_tritonclient_http_and_grpc_through_the_activator(
+    activator: Callable[..., Activator],
+) -> None:
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    act = activator({"echo": {}})
+    data = np.arange(5, dtype=np.float32)
+
+    grpc_client = grpcclient.InferenceServerClient(f"127.0.0.1:{act.grpc_port}")
+    assert grpc_client.is_server_live() and grpc_client.is_model_ready("echo")
+    grpc_input = grpcclient.InferInput("x", [5], "FP32")
+    grpc_input.set_data_from_numpy(data)
+    result = grpc_client.infer("echo", [grpc_input], client_timeout=60)
+    np.testing.assert_array_equal(result.as_numpy("y"), data)
+    assert grpc_client.get_model_metadata("echo").name == "echo"
+    with pytest.raises(InferenceServerException, match="nope"):
+        grpc_client.infer("nope", [grpc_input])
+
+    http_client = httpclient.InferenceServerClient(f"127.0.0.1:{act.process.port}")
+    http_input = httpclient.InferInput("x", [5], "FP32")
+    http_input.set_data_from_numpy(data, binary_data=True)
+    output = httpclient.InferRequestedOutput("y", binary_data=True)
+    answer = http_client.infer("echo", [http_input], outputs=[output])
+    np.testing.assert_array_equal(answer.as_numpy("y"), data)
+    assert http_client.get_model_metadata("echo")["name"] == "echo"
