@@ -7,7 +7,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
 from ember.activator.service import Service
 from ember.server.metrics import LoopHistogram
@@ -65,8 +70,6 @@ class ActivatorMetrics:
         return self._families(True)
 
     def _families(self, samples: bool) -> Iterator[Metric]:
-        from prometheus_client.core import HistogramMetricFamily
-
         for name, doc, read in _GAUGES:
             family = GaugeMetricFamily(name, doc, labels=["model_name"])
             if samples:

@@ -12,8 +12,8 @@ from yarl import URL
 
 from ember.activator.errors import UpstreamFailed
 
-# RFC 9110 7.6.1, plus the framing headers the pool writes itself.
-_HOP_BY_HOP = frozenset(
+# RFC 9110 7.6.1, plus the framing headers each client writes itself (aiohttp also its Host).
+HOP_BY_HOP = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -62,7 +62,7 @@ def forward_headers(
             listed.update(v.strip().lower() for v in value.split(b","))
         elif lowered == b"x-forwarded-for":
             forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
-        elif lowered not in _HOP_BY_HOP:
+        elif lowered not in HOP_BY_HOP:
             kept.append((lowered, value))
     headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in kept if n not in listed]
     if client:
@@ -80,7 +80,7 @@ def answer_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, byte
         lowered = name.lower()
         if lowered == b"connection":
             listed.update(v.strip().lower() for v in value.split(b","))
-        elif lowered not in _HOP_BY_HOP or lowered == b"content-length":
+        elif lowered not in HOP_BY_HOP or lowered == b"content-length":
             kept.append((lowered, value))
     return [(n, v) for n, v in kept if n not in listed]
 

@@ -17,25 +17,12 @@ from dataclasses import dataclass
 
 import httptools
 
+from ember.activator import proxy
 from ember.activator.proxy import ConnectFailed
 
-# RFC 9110 7.6.1, plus the framing headers written here.
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"content-length",
-        # The body is here already (the front answered any 100-continue itself).
-        b"expect",
-    }
-)
+# The client's Host is kept here; the body is here already (the front answered any
+# 100-continue itself), so Expect is not passed on.
+HOP_BY_HOP = (proxy.HOP_BY_HOP - {b"host"}) | {b"expect"}
 
 _IDLE_KEPT = 256  # per replica: enough for every slot of a busy one
 
