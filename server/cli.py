@@ -19,6 +19,13 @@ def _parser() -> argparse.ArgumentParser:
         "activator", help="queue-while-cold proxy and scaler in front of predictor replicas"
     )
     add_activator_arguments(activator)
+    from ember.transformers.settings import add_transformer_arguments
+
+    transformer = sub.add_parser(
+        "transformer",
+        help="run models' pre/post-processing and call a separate predictor (KServe transformer)",
+    )
+    add_transformer_arguments(transformer)
     bench = sub.add_parser("bench", help="closed-loop load against a V2 endpoint")
     from ember.server.bench.cli import add_bench_arguments
 
@@ -48,6 +55,27 @@ def main(argv: list[str] | None = None) -> int:
         prefetch.start(settings)
         from ember.server.serve import run
 
+        return run(settings, started)
+    if args.command == "transformer":
+        import dataclasses
+        import os
+
+        from ember.server.coldstart import process_started
+        from ember.server.serve import run
+        from ember.server.settings import settings_from
+        from ember.transformers.settings import predictor_from
+
+        started = process_started()
+        try:
+            predictor = predictor_from(args, dict(os.environ))
+        except ValueError as exc:
+            print(f"ember transformer: {exc}", file=sys.stderr)
+            return 2
+        settings = dataclasses.replace(settings_from(args), predictor=predictor)
+        if settings.model_dir is None and settings.model_name and not settings.models:
+            # KServe names the model; here it also picks the model's folder (for its
+            # [pipeline]) out of the repository.
+            settings = dataclasses.replace(settings, models=(settings.model_name,))
         return run(settings, started)
     if args.command == "activator":
         from ember.activator.settings import settings_from as activator_settings

@@ -100,6 +100,34 @@ class ScalingConfig(_Strict):
     queue_depth: Annotated[int, Field(ge=1)] | None = None
 
 
+class StepConfig(_Strict):
+    """One step of `[pipeline]`: a class implementing ember.transformers.step.Step."""
+
+    class_: str = Field(alias="class")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("class_")
+    @classmethod
+    def _import_path(cls, value: str) -> str:
+        if not _IMPORT_PATH.match(value):
+            raise ValueError("expected 'module:Class'")
+        return value
+
+
+class PipelineConfig(_Strict):
+    """model.toml `[pipeline]`: what clients send and get back (declared here, as a Triton
+    ensemble declares its own inputs and outputs), and the steps between that and the model's
+    own tensors. The steps' declarations are checked against these when the model loads."""
+
+    inputs: Annotated[list[TensorSpec], Field(min_length=1)]
+    outputs: Annotated[list[TensorSpec], Field(min_length=1)]
+    preprocess: list[StepConfig] = Field(default_factory=list)
+    postprocess: list[StepConfig] = Field(default_factory=list)
+    # Threads that run the model's synchronous steps; default: the CPUs this process may use,
+    # at most 4.
+    workers: Annotated[int, Field(ge=1, le=64)] | None = None
+
+
 class ModelConfig(_Strict):
     name: str
     format: Format
@@ -126,6 +154,18 @@ class ModelConfig(_Strict):
     dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
     max_batch_size: Annotated[int, Field(ge=0)] = 0
     scaling: ScalingConfig | None = None
+    # Pre/post-processing around the model; `ember serve --no-pipeline` leaves it out (the
+    # chain then runs in a separate `ember transformer`).
+    pipeline: PipelineConfig | None = None
+
+    @property
+    def request_inputs(self) -> list[TensorSpec]:
+        """The inputs clients send: the pipeline's when there is one, else the model's."""
+        return self.pipeline.inputs if self.pipeline else self.inputs
+
+    @property
+    def request_outputs(self) -> list[TensorSpec]:
+        return self.pipeline.outputs if self.pipeline else self.outputs
 
     @field_validator("name")
     @classmethod
@@ -161,7 +201,12 @@ class ModelConfig(_Strict):
             raise ValueError("format 'safetensors' needs architecture = 'module:Class'")
         if self.format == "python" and self.class_ is None:
             raise ValueError("format 'python' needs class = 'module:Class'")
-        for kind, specs in (("inputs", self.inputs), ("outputs", self.outputs)):
+        pipeline = self.pipeline
+        for kind, specs in (
+            ("inputs", self.inputs), ("outputs", self.outputs),
+            ("pipeline.inputs", pipeline.inputs if pipeline else []),
+            ("pipeline.outputs", pipeline.outputs if pipeline else []),
+        ):  # fmt: skip
             names = [s.name for s in specs]
             if len(set(names)) != len(names):
                 raise ValueError(f"{kind} names must be unique, got {names}")

@@ -16,7 +16,7 @@ from ember.server.errors import EmberError, ErrorCode, ModelFailed
 from ember.server.metrics import ModelMetrics, PredictorMetrics
 from ember.server.repository import ModelHandle, ModelRepository
 from ember.server.request import InferRequest, InferResponse, Tensor
-from ember.server.validation import validate
+from ember.server.validation import model_inputs, validate
 
 log = logging.getLogger("ember.server.dataplane")
 
@@ -133,13 +133,21 @@ class DataPlane:
         handle = self.repository.ready_handle(request.model_name, request.model_version)
         config = handle.config
         inputs = validate(request, config)
+        chain = handle.chain
+        tensors: dict[str, np.ndarray] = {}
+        if chain is not None:
+            tensors = await chain.preprocess(inputs)
+            inputs = model_inputs(tensors, config)
         submitted = self._clock()
         metrics.preprocess.observe(submitted - started)
         result = await handle.predict(inputs, request.deadline, request.parameters)
         returned = self._clock()
         metrics.predict.observe(returned - submitted)
         metrics.queue_wait.observe(result.queued)
-        response = self._response(request, handle, result.outputs)
+        outputs = result.outputs
+        if chain is not None:
+            outputs = await chain.postprocess({**tensors, **outputs})
+        response = self._response(request, handle, outputs)
         done = self._clock()
         metrics.postprocess.observe(done - returned)
         handle.stats.record_success(
@@ -156,7 +164,7 @@ class DataPlane:
         self, request: InferRequest, handle: ModelHandle, outputs: dict[str, np.ndarray]
     ) -> InferResponse:
         config = handle.config
-        declared = {s.name: s for s in config.outputs}
+        declared = {s.name: s for s in config.request_outputs}
         wanted = (
             [o.name for o in request.outputs]
             if request.outputs

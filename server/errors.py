@@ -49,6 +49,12 @@ class ModelNotReady(EmberError):
         super().__init__(f"model '{name}' is not ready")
 
 
+class PredictorUnavailable(EmberError):
+    """`ember transformer`: the predictor it sends to cannot be reached or is not ready."""
+
+    code = ErrorCode.NOT_READY
+
+
 class Overloaded(EmberError):
     code = ErrorCode.OVERLOADED
 

@@ -6,14 +6,10 @@ torch.export archives: nothing here unpickles arbitrary objects.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
-import sys
 import time
 import warnings
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -24,15 +20,12 @@ from ember.server.config import ModelConfig, TensorSpec
 from ember.server.datatypes import numpy_dtype
 from ember.server.errors import ConfigError
 from ember.server.graphs import CudaGraphRunner
+from ember.server.imports import LoadError, import_object
 from ember.server.runners import PythonRunner, Runner, TorchRunner
 from ember.server.storage import fetch
 from ember.server.storage.errors import StorageError
 
 log = logging.getLogger("ember.server.loading")
-
-
-class LoadError(Exception):
-    """Weights or code that could not be loaded; the message is one line naming the model."""
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -47,30 +40,6 @@ def resolve_device(spec: str) -> torch.device:
                 f"device '{spec}' requested but only {torch.cuda.device_count()} GPU(s) exist"
             )
     return device
-
-
-def import_object(path: str, model_dir: Path) -> Any:
-    """`module:Name`, where module is a file in the model folder or an importable module.
-
-    A module from the model folder gets a private name, so two models may both ship `model.py`.
-    """
-    module_name, _, attr = path.partition(":")
-    local = model_dir / (module_name.replace(".", "/") + ".py")
-    module: ModuleType
-    if local.is_file():
-        private = f"ember_model_{abs(hash(str(local)))}_{module_name.replace('.', '_')}"
-        spec = importlib.util.spec_from_file_location(private, local)
-        if spec is None or spec.loader is None:
-            raise LoadError(f"cannot import {local}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[private] = module
-        spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(module_name)
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise LoadError(f"{module_name} has no attribute '{attr}'") from None
 
 
 def _weights(config: ModelConfig, model_dir: Path) -> tuple[Path, str]:

@@ -9,7 +9,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -22,8 +22,33 @@ from ember.server.errors import ModelNotFound, ModelNotReady
 from ember.server.instances import Instance, InstancePool
 from ember.server.metrics import PredictorMetrics
 from ember.server.stats import ModelStats
+from ember.transformers.chain import Chain
 
 log = logging.getLogger("ember.server.repository")
+
+
+class Executor(Protocol):
+    """What runs a model's validated requests: its batcher in front of local instances, or
+    (in `ember transformer`) a client of the predictor that runs it."""
+
+    def __len__(self) -> int: ...
+
+    def check_room(self) -> None: ...
+
+    async def submit(
+        self,
+        inputs: dict[str, np.ndarray],
+        deadline: float | None = None,
+        parameters: dict[str, Any] | None = None,
+    ) -> Result: ...
+
+    async def close(self) -> None: ...
+
+
+class RemoteModels(Protocol):
+    """Where `ember transformer` sends a model's requests instead of loading it."""
+
+    async def attach(self, config: ModelConfig) -> Executor: ...
 
 
 class ModelState(enum.Enum):
@@ -41,7 +66,9 @@ class ModelHandle:
     model_dir: Path
     state: ModelState = ModelState.UNAVAILABLE
     pool: InstancePool | None = None
-    batcher: Batcher | None = None
+    batcher: Executor | None = None
+    # The model's [pipeline], loaded with it.
+    chain: Chain | None = None
     error: str | None = None
     stats: ModelStats = field(default_factory=ModelStats)
     # How the last load's time split into download, load and warm-up.
@@ -85,12 +112,14 @@ class ModelRepository:
         models: list[tuple[ModelConfig, Path]],
         metrics: PredictorMetrics,
         instance_nice: int = 0,
+        remote: RemoteModels | None = None,
     ) -> None:
         self._handles = {
             config.name: ModelHandle(config, model_dir) for config, model_dir in models
         }
         self._metrics = metrics
         self._instance_nice = instance_nice
+        self._remote = remote
         self._locks = {name: asyncio.Lock() for name in self._handles}
 
     def names(self) -> list[str]:
@@ -127,30 +156,44 @@ class ModelRepository:
             started = time.monotonic()
             config = handle.config
             phases = LoadPhases()
+            instances: list[Instance] = []
             try:
-                instances: list[Instance] = []
-                for device_spec in config.devices:
-                    for _ in range(config.instances):
-                        runner, device = await asyncio.to_thread(
-                            loading.load, config, handle.model_dir, device_spec, phases
-                        )
-                        instances.append(
-                            Instance(runner, device, len(instances), name, nice=self._instance_nice)
-                        )
+                if config.pipeline is not None:
+                    handle.chain = await asyncio.to_thread(Chain.load, config, handle.model_dir)
+                if self._remote is not None:
+                    handle.batcher = await self._remote.attach(config)
+                else:
+                    for device_spec in config.devices:
+                        for _ in range(config.instances):
+                            runner, device = await asyncio.to_thread(
+                                loading.load, config, handle.model_dir, device_spec, phases
+                            )
+                            instances.append(
+                                Instance(
+                                    runner, device, len(instances), name,
+                                    nice=self._instance_nice,
+                                )
+                            )  # fmt: skip
             except Exception as exc:
                 handle.state, handle.error = ModelState.FAILED, str(exc)
+                if handle.chain is not None:
+                    handle.chain.close()
+                    handle.chain = None
                 raise
             seconds = time.monotonic() - started
             handle.phases = phases
-            handle.pool = InstancePool(instances)
-            batch_sizes = self._metrics.model(name).batch_size
+            if self._remote is None:
+                handle.pool = InstancePool(instances)
+                batch_sizes = self._metrics.model(name).batch_size
 
-            def on_execution(execution: Execution) -> None:
-                handle.record(execution)
-                batch_sizes.observe(execution.rows)
+                def on_execution(execution: Execution) -> None:
+                    handle.record(execution)
+                    batch_sizes.observe(execution.rows)
 
-            handle.batcher = Batcher(config, handle.pool, on_execution)
-            handle.batcher.start()
+                batcher = Batcher(config, handle.pool, on_execution)
+                batcher.start()
+                handle.batcher = batcher
+            assert handle.batcher is not None
             self._metrics.watch_queue(name, handle.batcher)
             handle.state, handle.error = ModelState.READY, None
             self._metrics.model_load_seconds.labels(name).set(seconds)
@@ -176,7 +219,9 @@ class ModelRepository:
                 await handle.batcher.close()
             if handle.pool is not None:
                 handle.pool.close()
-            handle.batcher, handle.pool = None, None
+            if handle.chain is not None:
+                handle.chain.close()
+            handle.batcher, handle.pool, handle.chain = None, None, None
             # Drop the last references now, so weights (and device memory) go back at once
             # rather than at some later collection.
             gc.collect()
@@ -194,3 +239,5 @@ class ModelRepository:
                 await handle.batcher.close()
             if handle.pool is not None:
                 handle.pool.close()
+            if handle.chain is not None:
+                handle.chain.close()

@@ -68,6 +68,8 @@ def resolve_models(
         models = discover(settings.model_repository, list(settings.models) or None)
     if settings.no_batching:
         models = [(c.model_copy(update={"batching": None}), d) for c, d in models]
+    if settings.no_pipeline:
+        models = [(c.model_copy(update={"pipeline": None}), d) for c, d in models]
     return models
 
 
@@ -88,7 +90,14 @@ async def serve(
     process: ProcessPhases | None = None,
 ) -> int:
     metrics = PredictorMetrics()
-    repository = ModelRepository(models, metrics, instance_nice=settings.instance_nice)
+    remote = None
+    if settings.predictor is not None:
+        from ember.transformers.remote import RemotePredictor
+
+        remote = RemotePredictor(settings.predictor)
+    repository = ModelRepository(
+        models, metrics, instance_nice=settings.instance_nice, remote=remote
+    )
     dataplane = DataPlane(repository, metrics)
     app = build_app(dataplane, max_body_bytes=settings.max_body_bytes)
     config = uvicorn.Config(

@@ -6,6 +6,10 @@ import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ember.transformers.settings import PredictorSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +30,10 @@ class ServeSettings:
     enable_grpc: bool = True
     # Serve every model without its [batching] section (one request per forward): an A/B switch.
     no_batching: bool = False
+    # Serve every model without its [pipeline]: the chain runs in a separate `ember transformer`.
+    no_pipeline: bool = False
+    # `ember transformer`: run each model's pipeline here and send its tensors to this predictor.
+    predictor: PredictorSettings | None = None
     # torch intra-op threads; None = the CPUs this process may run on (taskset, cgroups).
     torch_threads: int | None = None
     # Added to the nice value of each model instance's thread (Linux). Where the forward and
@@ -155,6 +163,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="ignore every model's [batching] section: one request per forward",
     )
     add(
+        "--no-pipeline",
+        "--no_pipeline",
+        dest="no_pipeline",
+        action="store_true",
+        help="ignore every model's [pipeline]: serve the model's own tensors (behind a "
+        "separate `ember transformer`)",
+    )
+    add(
         "--torch-threads",
         dest="torch_threads",
         type=int,
@@ -201,6 +217,7 @@ def settings_from(args: argparse.Namespace, env: dict[str, str] | None = None) -
         torch_threads=args.torch_threads,
         instance_nice=args.instance_nice,
         no_batching=args.no_batching,
+        no_pipeline=getattr(args, "no_pipeline", False),
         grpc_max_send_bytes=args.grpc_max_send_bytes,
         grpc_max_receive_bytes=args.grpc_max_receive_bytes,
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ember.server.config import ModelConfig
-from ember.server.errors import InvalidInput
+from ember.server.errors import InvalidInput, ModelFailed
 from ember.server.request import InferRequest
 
 
@@ -19,8 +19,10 @@ def _fits(shape: tuple[int, ...], declared: list[int]) -> bool:
 
 
 def validate(request: InferRequest, config: ModelConfig) -> dict[str, np.ndarray]:
-    """The request's inputs by name, or InvalidInput saying which tensor and what was expected."""
-    specs = {s.name: s for s in config.inputs}
+    """The request's inputs by name, or InvalidInput saying which tensor and what was expected.
+    A model with a pipeline is checked against the pipeline's inputs: those are what clients
+    send."""
+    specs = {s.name: s for s in config.request_inputs}
     inputs: dict[str, np.ndarray] = {}
     for tensor in request.inputs:
         spec = specs.get(tensor.name)
@@ -47,15 +49,34 @@ def validate(request: InferRequest, config: ModelConfig) -> dict[str, np.ndarray
                 f"max_batch_size {config.max_batch_size}"
             )
         inputs[tensor.name] = tensor.data
-    missing = [s.name for s in config.inputs if not s.optional and s.name not in inputs]
+    missing = [s.name for s in config.request_inputs if not s.optional and s.name not in inputs]
     if missing:
         raise InvalidInput(f"missing required input(s) {missing} for model '{config.name}'")
     if request.outputs is not None:
-        declared = {s.name for s in config.outputs}
+        declared = {s.name for s in config.request_outputs}
         for out in request.outputs:
             if out.name not in declared:
                 raise InvalidInput(
                     f"unknown output '{out.name}' requested from model '{config.name}', "
                     f"expected one of {sorted(declared)}"
                 )
+    return inputs
+
+
+def model_inputs(tensors: dict[str, np.ndarray], config: ModelConfig) -> dict[str, np.ndarray]:
+    """The model's own inputs out of what a preprocess chain produced. A chain that produced a
+    shape the model does not take is a bug in a step (ModelFailed), not the client's error."""
+    inputs: dict[str, np.ndarray] = {}
+    for spec in config.inputs:
+        array = tensors.get(spec.name)
+        if array is None:
+            if spec.optional:
+                continue
+            raise ModelFailed(f"model '{config.name}': preprocess did not produce '{spec.name}'")
+        if not _fits(array.shape, spec.shape):
+            raise ModelFailed(
+                f"model '{config.name}': preprocess produced '{spec.name}' of shape "
+                f"{list(array.shape)}, the model takes {spec.shape}"
+            )
+        inputs[spec.name] = array
     return inputs

@@ -1,1 +1,1 @@
-"""Pre/post-processing steps and the transformer chain (not built yet)."""
+"""Pre/post-processing steps, the chain that runs them, and the remote-predictor client."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from ember.server.bench.cpus import parse_cpu_list
@@ -354,6 +355,20 @@ def run_bench(args: argparse.Namespace) -> int:
         # Before torch is imported: OpenMP sizes its pool (and each new thread's default) by
         # this variable, else by every CPU; the server gets the same (`run._start`).
         os.environ["OMP_NUM_THREADS"] = str(threads)
+    from ember.server.bench.errors import BenchError
+    from ember.server.bench.pipeline import run_pipeline_bench, text_input
     from ember.server.bench.run import execute
+    from ember.server.config import discover
+    from ember.server.errors import ConfigError
 
+    try:
+        ((config, _),) = discover(options.model_repository, [options.model])
+    except ConfigError:
+        config = None  # a remote --url model: execute() says what it can
+    if config is not None and text_input(config) is not None:
+        try:
+            return run_pipeline_bench(options, config, sys.stdout, sys.stderr)
+        except BenchError as exc:
+            print(f"ember bench: error: {exc}", file=sys.stderr)
+            return 2
     return execute(options)

@@ -57,7 +57,7 @@ from ember.server.bench.protocols import PROTOCOLS, LoadProtocol, retrying
 from ember.server.bench.report import CLIENT_FLOOR, COPY_FLOOR, INFER, LIVE_FLOOR, RAW
 from ember.server.config import ModelConfig, discover
 from ember.server.errors import ConfigError
-from ember.server.loading import LoadError
+from ember.server.imports import LoadError
 from ember.server.runners import Runner
 
 T = TypeVar("T")

@@ -49,8 +49,8 @@ def model_config(config: ModelConfig, device_kind: str) -> dict[str, Any]:
         "platform": platform_of(config),
         "backend": "ember",
         "max_batch_size": config.batch_limit if config.batching else config.max_batch_size,
-        "input": [_tensor(s, batched) for s in config.inputs],
-        "output": [_tensor(s, batched) for s in config.outputs],
+        "input": [_tensor(s, batched) for s in config.request_inputs],
+        "output": [_tensor(s, batched) for s in config.request_outputs],
         "instance_group": [
             {"name": f"{config.name}_0", "count": 1,
              "kind": "KIND_GPU" if device_kind == "cuda" else "KIND_CPU"}

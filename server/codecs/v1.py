@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Any
 
 import numpy as np
@@ -17,19 +19,55 @@ _JSON_CARRIER = {"FP16": "FP32", "BF16": "FP32"}
 
 
 def _target(config: ModelConfig) -> TensorSpec:
-    if len(config.inputs) == 1:
-        return config.inputs[0]
-    required = [s for s in config.inputs if not s.optional]
+    if len(config.request_inputs) == 1:
+        return config.request_inputs[0]
+    required = [s for s in config.request_inputs if not s.optional]
     if len(required) == 1:
         return required[0]
-    names = [s.name for s in config.inputs]
+    names = [s.name for s in config.request_inputs]
     raise InvalidInput(
         f"model '{config.name}' has inputs {names}: send each instance as an object keyed by "
         "input name"
     )
 
 
+def _is_b64(value: Any) -> bool:
+    return isinstance(value, dict) and list(value) == ["b64"]
+
+
+def _element(value: Any, where: str) -> bytes:
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if _is_b64(value) and isinstance(value["b64"], str):
+        try:
+            return base64.b64decode(value["b64"], validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidInput(f"{where}: 'b64' is not valid base64") from None
+    kind = type(value).__name__
+    raise InvalidInput(f'{where}: expected a string or {{"b64": "..."}}, got {kind}')
+
+
+def _leaves(value: Any, where: str) -> Any:
+    if isinstance(value, list):
+        return [_leaves(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return _element(value, where)
+
+
+def _bytes_tensor(spec: TensorSpec, data: Any, where: str) -> Tensor:
+    """Strings, or binary data as `{"b64": "..."}` (KServe's and TF Serving's V1 convention)."""
+    leaves = _leaves(data, where)
+    try:
+        array = np.array(leaves, dtype=object)
+    except ValueError:
+        array = None
+    if array is None or any(isinstance(x, list) for x in array.reshape(-1)):
+        raise InvalidInput(f"{where}: nested data is ragged (rows of different lengths)")
+    return Tensor(name=spec.name, datatype="BYTES", data=array)
+
+
 def _tensor(spec: TensorSpec, data: Any, where: str) -> Tensor:
+    if spec.datatype == "BYTES":
+        return _bytes_tensor(spec, data, where)
     carrier = _JSON_CARRIER.get(spec.datatype, spec.datatype)
     array = array_from_json(data, carrier, None, where)
     if carrier != spec.datatype:
@@ -38,8 +76,10 @@ def _tensor(spec: TensorSpec, data: Any, where: str) -> Tensor:
 
 
 def _columns(rows: list[Any], config: ModelConfig) -> list[Tensor]:
-    specs = {s.name: s for s in config.inputs}
-    if all(isinstance(r, dict) for r in rows):
+    specs = {s.name: s for s in config.request_inputs}
+    if all(isinstance(r, dict) for r in rows) and not (
+        "b64" not in specs and all(_is_b64(r) for r in rows)
+    ):
         keys = list(rows[0])
         for i, row in enumerate(rows):
             if list(row) != keys:
@@ -71,7 +111,7 @@ def decode_request(body: Any, config: ModelConfig) -> InferRequest:
     elif "inputs" in body:
         columns = body["inputs"]
         if isinstance(columns, dict):
-            specs = {s.name: s for s in config.inputs}
+            specs = {s.name: s for s in config.request_inputs}
             unknown = [k for k in columns if k not in specs]
             if unknown or not columns:
                 raise InvalidInput(

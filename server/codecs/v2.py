@@ -182,8 +182,8 @@ def model_metadata(config: ModelConfig) -> dict[str, Any]:
         "name": config.name,
         "versions": [config.version],
         "platform": platform_of(config),
-        "inputs": [_spec(s) for s in config.inputs],
-        "outputs": [_spec(s) for s in config.outputs],
+        "inputs": [_spec(s) for s in config.request_inputs],
+        "outputs": [_spec(s) for s in config.request_outputs],
     }
 
 

@@ -348,3 +348,20 @@ def check_error(response: httpx.Response, status: int, *fragments: str) -> str:
 def expect_error() -> ErrorCheck:
     """`expect_error(response, status, *fragments) -> message`; see `check_error`."""
     return check_error
+
+
+@pytest.fixture(scope="session")
+def ember_session() -> Iterator[Callable[..., EmberProcess]]:
+    """Like `ember`, for module- or session-scoped fixtures: started ready, stopped at the end
+    of the session."""
+    started: list[EmberProcess] = []
+
+    def start(*args: str | Path, env: dict[str, str] | None = None, command: str = "serve") \
+            -> EmberProcess:  # fmt: skip
+        server = start_ready(*args, env=env, command=command)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        _finish(server)

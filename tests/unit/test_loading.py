@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from ember.server.config import load_model_config
-from ember.server.loading import LoadError, dummy_inputs, load
+from ember.server.imports import LoadError
+from ember.server.loading import dummy_inputs, load
 
 ARCH = """
 import torch
