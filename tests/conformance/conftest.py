@@ -1,7 +1,7 @@
 """Real `ember serve` processes driven by unmodified tritonclient (HTTP, gRPC, sync and aio).
 
 Fixtures:
-- `server`: one server over `models/` (identity, mlp) for the whole session;
+- `server`: one server over `models/` (identity, mlp, minilm, resnet) for the whole session;
 - `sleepy_server`: one over `tests/conformance/models/` (a model that sleeps), started on
   first use;
 - `api`: a sync tritonclient for `server`, parametrized over "http" and "grpc", behind the few

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -11,6 +12,10 @@ import tritonclient.http.aio as httpaio
 
 if TYPE_CHECKING:
     from conftest import Api, Server
+
+ROOT = Path(__file__).resolve().parents[2]
+# Every model folder of the example repository, which `server` serves.
+EXAMPLES = sorted(p.name for p in (ROOT / "models").iterdir() if (p / "model.toml").is_file())
 
 pytestmark = pytest.mark.e2e
 
@@ -152,14 +157,14 @@ def test_statistics_count_failures(api: Api) -> None:
 
 def test_statistics_for_all_models(api: Api) -> None:
     doc = api.doc("get_inference_statistics")
-    assert {s["name"] for s in doc["model_stats"]} == {"identity", "mlp"}
+    assert {s["name"] for s in doc["model_stats"]} == set(EXAMPLES)
 
 
 def test_repository_index(api: Api) -> None:
     doc = api.doc("get_model_repository_index")
     models = doc["models"] if api.protocol == "grpc" else doc
     states = {m["name"]: m.get("state") for m in models}
-    assert states == {"identity": "READY", "mlp": "READY"}
+    assert states == dict.fromkeys(EXAMPLES, "READY")
 
 
 def test_unload_then_load(api: Api) -> None:

@@ -6,7 +6,7 @@ Every process started here is stopped by its fixture's teardown, and, as a last 
 the end of the session.
 
 Fixtures:
-- `main_server`: one server over `models/` (identity, mlp) for the whole session;
+- `main_server`: one server over `models/` (identity, mlp, minilm, resnet) for the session;
 - `test_models_server`: one server over `tests/models/serving` (slow, failing, required);
 - `ember`: a factory for servers with their own repository, flags or environment, stopped
   when the test ends.
@@ -311,7 +311,7 @@ def ember() -> Iterator[EmberFactory]:
 
 @pytest.fixture(scope="session")
 def main_server() -> Iterator[EmberProcess]:
-    """`ember serve` over the example repository `models/` (identity, mlp)."""
+    """`ember serve` over the example repository `models/` (identity, mlp, minilm, resnet)."""
     server = start_ready("--model-repository", MODELS)
     yield server
     _finish(server)

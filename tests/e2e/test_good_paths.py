@@ -16,6 +16,8 @@ EmberProcess = Any
 ErrorCheck = Any
 
 ROOT = Path(__file__).resolve().parents[2]
+# Every model folder of the example repository, which main_server serves.
+EXAMPLES = sorted(p.name for p in (ROOT / "models").iterdir() if (p / "model.toml").is_file())
 
 
 def _batch(rows: int) -> np.ndarray:
@@ -65,7 +67,7 @@ def test_v2_server_metadata(main_server: EmberProcess) -> None:
 def test_v1_list_and_ready(main_server: EmberProcess) -> None:
     response = main_server.get("/v1/models")
     assert response.status_code == 200
-    assert sorted(response.json()["models"]) == ["identity", "mlp"]
+    assert sorted(response.json()["models"]) == EXAMPLES
     response = main_server.get("/v1/models/mlp")
     assert response.status_code == 200
     assert response.json() == {"name": "mlp", "ready": True}
@@ -91,7 +93,7 @@ def test_v1_predict_identity_rows_by_input_name(main_server: EmberProcess) -> No
 def test_v2_models_list(main_server: EmberProcess) -> None:
     response = main_server.get("/v2/models")
     assert response.status_code == 200
-    assert sorted(response.json()["models"]) == ["identity", "mlp"]
+    assert sorted(response.json()["models"]) == EXAMPLES
 
 
 @pytest.mark.parametrize("path", ["/v2/models/mlp", "/v2/models/mlp/versions/1"])

@@ -171,7 +171,7 @@ def test_workers_share_the_port_and_stop_together(ember: EmberFactory) -> None:
 def test_each_model_reports_its_cold_start_once(ember: EmberFactory) -> None:
     import json
 
-    server = ember("--model-repository", MODELS)
+    server = ember("--model-repository", MODELS, "--model", "identity", "--model", "mlp")
     lines = [json.loads(line) for line in server.stderr().splitlines() if line.startswith("{")]
     reports = {r["model"]: r for r in lines if r["message"] == "cold start"}
     assert sorted(reports) == ["identity", "mlp"]
