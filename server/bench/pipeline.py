@@ -41,6 +41,7 @@ _TEXT = (
 _WORDS = _TEXT.split()
 LENGTHS = (3, 8, 12, 20, 40, 80, 160, 300)  # words; one sentence of each per cycle
 TARGET_RATIO = 0.70
+TOKENIZER = "ember.transformers.text:Tokenize"
 
 
 def sentences(count: int, seed: int = 0) -> list[str]:
@@ -69,8 +70,12 @@ class Raw:
 
 
 def text_input(config: ModelConfig) -> str | None:
-    """The one BYTES input clients send to a pipeline model, if that is its shape."""
-    if config.pipeline is None:
+    """The BYTES input of a model whose pipeline starts with the built-in tokenizer (the one
+    kind of input this bench knows how to fill: sentences)."""
+    pipeline = config.pipeline
+    if pipeline is None or not pipeline.preprocess:
+        return None
+    if pipeline.preprocess[0].class_ != TOKENIZER:
         return None
     specs = config.request_inputs
     if len(specs) == 1 and specs[0].datatype == "BYTES":
@@ -86,7 +91,7 @@ def _body(name: str, text: str) -> bytes:
 async def _load(
     url: str, bodies: Sequence[bytes], concurrency: int, seconds: float, warmup: float
 ) -> tuple[int, list[float], int]:
-    """Closed loop: `concurrency` clients, each sending the next body when its answer is in."""
+    """Closed loop: `concurrency` clients, each sending a body when its last answer is in."""
     latencies: list[float] = []
     failed = 0
     counter = 0
@@ -97,12 +102,13 @@ async def _load(
         measure_from = start + warmup
         end = measure_from + seconds
 
-        async def client(offset: int) -> None:
+        async def client(seed: int) -> None:
             nonlocal failed, counter
-            i = offset
+            # Each client draws its next sentence at random: a fixed stride would give every
+            # client one length for good and let batches sort themselves by length.
+            pick = random.Random(seed)
             while (sent := time.perf_counter()) < end:
-                body = bodies[i % len(bodies)]
-                i += concurrency
+                body = bodies[pick.randrange(len(bodies))]
                 async with session.post(url, data=body, headers=headers) as answer:
                     await answer.read()
                     ok = answer.status == 200
@@ -177,9 +183,11 @@ def measure_raw(
     results = []
     try:
         for size in sizes:
+            # Drawn as the load's clients draw theirs: the same mix of lengths per batch.
+            pick = random.Random(size)
             batches = [
-                np.array([t.encode() for t in texts[i : i + size]], dtype=object)
-                for i in range(0, len(texts) - size + 1, size)
+                np.array([pick.choice(texts).encode() for _ in range(size)], dtype=object)
+                for _ in range(64)
             ]
 
             def once(batch: np.ndarray) -> None:
