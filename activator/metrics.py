@@ -15,7 +15,7 @@ from prometheus_client.core import (
 )
 
 from ember.activator.service import Service
-from ember.server.metrics import LoopHistogram
+from ember.server.metrics import LoopHistogram, watch_event_loop
 
 _LATENCY = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -47,6 +47,7 @@ _GAUGES: tuple[tuple[str, str, Callable[[Service, int], float]], ...] = (
 class ActivatorMetrics:
     def __init__(self, services: Mapping[str, Service], starting: Callable[[str], int]) -> None:
         self.registry = CollectorRegistry()
+        watch_event_loop(self.registry)
         self._services = services
         self._starting = starting
         self.latency = {name: LoopHistogram(_LATENCY) for name in services}

@@ -9,6 +9,7 @@ request cost 9% of the event loop at c=32 (py-spy), for numbers read once every 
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 from collections.abc import Iterator, Sized
 
@@ -102,10 +103,23 @@ class _LoopSeries:
         return self._families(samples=True)
 
 
+def watch_event_loop(registry: CollectorRegistry) -> None:
+    """`ember_asyncio_tasks`: the tasks alive on this process's event loop, read at scrape time
+    (a count that only grows is a leak; the soak test fits its slope). Registered only when
+    built inside a running loop, as every server is."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    gauge = Gauge("ember_asyncio_tasks", "Tasks alive on the event loop", registry=registry)
+    gauge.set_function(lambda: len(asyncio.all_tasks(loop)))
+
+
 class PredictorMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        watch_event_loop(r)
         series = self._series = _LoopSeries()
         # KServe's names, so existing dashboards keep working.
         self.preprocess = series.histogram(

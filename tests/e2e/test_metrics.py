@@ -118,3 +118,10 @@ def test_inflight_gauge_counts_a_running_request(test_models_server: EmberProces
         thread.join(10)
     assert results and results[0].status_code == 200, results
     assert value(server.metrics(), "ember_inflight_requests", model_name="slow") == 0
+
+
+def test_event_loop_tasks_are_counted(main_server: EmberProcess) -> None:
+    # The soak test fits this gauge's slope: it must exist and count the loop's tasks (the
+    # server's own, at least uvicorn's main task and each model's batcher).
+    tasks = main_server.metrics()[("ember_asyncio_tasks", frozenset())]
+    assert 2 <= tasks < 1000
