@@ -63,7 +63,17 @@ def resolve_models(
             raise ConfigError(f"model location '{uri}': unsupported scheme")
         else:
             model_dir = Path(uri.removeprefix("file://"))
-        models = [(load_model_config(model_dir, settings.model_name), model_dir)]
+        if (
+            not (model_dir / "model.toml").is_file()
+            and model_dir.is_dir()
+            and any((child / "model.toml").is_file() for child in model_dir.iterdir())
+        ):
+            # A whole repository mounted where one model was expected (`docker run -v
+            # $PWD/models:/mnt/models`): serve it as one, as --model-repository would.
+            only = [settings.model_name] if settings.model_name else list(settings.models)
+            models = discover(model_dir, only or None)
+        else:
+            models = [(load_model_config(model_dir, settings.model_name), model_dir)]
     else:
         models = discover(settings.model_repository, list(settings.models) or None)
     if settings.no_batching:

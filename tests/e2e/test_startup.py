@@ -117,6 +117,13 @@ def test_kserve_model_dir_and_model_name(ember: EmberFactory, expect_error: Erro
     server.assert_serves("foo", kind="mlp")
 
 
+def test_model_dir_holding_a_whole_repository(ember: EmberFactory) -> None:
+    # `docker run -v $PWD/models:/mnt/models IMAGE` with the image's `--model_dir /mnt/models`.
+    server = ember("--model_dir", str(MODELS), "--model", "identity")
+    assert server.get("/v2/models").json()["models"] == ["identity"]
+    server.assert_serves("identity")
+
+
 def test_port_env_when_no_http_port_flag(ember: EmberFactory) -> None:
     port = _free_port()
     server = ember(
