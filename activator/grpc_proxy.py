@@ -5,7 +5,9 @@ health and model readiness answered here. Metadata and deadlines travel with the
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import collections
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -47,17 +49,28 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         metrics: ActivatorMetrics,
         clock: Callable[[], float],
         is_draining: Callable[[], bool],
+        max_message_bytes: int = _MAX_MESSAGE,
     ) -> None:
         self.services = services
         self.metrics = metrics
         self.clock = clock
         self.is_draining = is_draining
+        self._max_message = max_message_bytes
         self._channels: dict[str, grpc.aio.Channel] = {}
+        # Calls open on each channel: one is closed only when it carries none.
+        self._in_use: collections.Counter[str] = collections.Counter()
 
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+
+    async def prune(self, live: set[str]) -> None:
+        """Close the channels of replicas that are gone (not in `live`) and carry no call.
+        Replica ports are new on every cold start, so without this each one would leave a
+        channel behind for the activator's life."""
+        for address in [a for a in self._channels if a not in live and not self._in_use[a]]:
+            await self._channels.pop(address).close()
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
@@ -111,18 +124,25 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
 
     # -- forwarded ---------------------------------------------------------------------------
 
-    def _channel(self, replica: Replica) -> grpc.aio.Channel:
+    @contextlib.contextmanager
+    def _using(self, replica: Replica) -> Iterator[grpc.aio.Channel]:
         address = replica.grpc_address or replica.address
         channel = self._channels.get(address)
         if channel is None:
             channel = self._channels[address] = grpc.aio.insecure_channel(
                 address,
                 options=[
-                    ("grpc.max_send_message_length", _MAX_MESSAGE),
-                    ("grpc.max_receive_message_length", _MAX_MESSAGE),
+                    ("grpc.max_send_message_length", self._max_message),
+                    ("grpc.max_receive_message_length", self._max_message),
                 ],
             )
-        return channel
+        self._in_use[address] += 1
+        try:
+            yield channel
+        finally:
+            self._in_use[address] -= 1
+            if not self._in_use[address]:
+                del self._in_use[address]
 
     def _admit(self, name: str | None) -> Service:
         if not name:
@@ -183,12 +203,12 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
         for attempt in (1, 2):
             replica = await service.throttler.acquire(deadline, exclude)
             try:
-                call = self._channel(replica).unary_unary(method)
-                answer: bytes = await call(
-                    request,
-                    timeout=max(0.001, deadline - self.clock()),
-                    metadata=_metadata(context),
-                )
+                with self._using(replica) as channel:
+                    answer: bytes = await channel.unary_unary(method)(
+                        request,
+                        timeout=max(0.001, deadline - self.clock()),
+                        metadata=_metadata(context),
+                    )
                 return answer
             except grpc.aio.AioRpcError as exc:
                 # UNAVAILABLE: the replica could not be reached (or is not ready): once more
@@ -248,14 +268,15 @@ class GrpcProxy(grpc.GenericRpcHandler):  # type: ignore[misc]
                 yield message
 
         remaining = context.time_remaining()
-        call = self._channel(replica).stream_stream(method)(
-            outgoing(), timeout=remaining, metadata=_metadata(context)
-        )
-        try:
-            async for answer in call:
-                yield answer
-        except grpc.aio.AioRpcError as exc:
-            await context.abort(exc.code(), exc.details() or "")
-        except asyncio.CancelledError:
-            call.cancel()
-            raise
+        with self._using(replica) as channel:
+            call = channel.stream_stream(method)(
+                outgoing(), timeout=remaining, metadata=_metadata(context)
+            )
+            try:
+                async for answer in call:
+                    yield answer
+            except grpc.aio.AioRpcError as exc:
+                await context.abort(exc.code(), exc.details() or "")
+            except asyncio.CancelledError:
+                call.cancel()
+                raise

@@ -21,6 +21,7 @@ from uvicorn.server import ServerState
 
 from ember.activator.proxy import REPLAYABLE_BYTES
 from ember.activator.routes import is_model_ready_path, model_of_path
+from ember.server.rest.header_limits import DEFAULT_LIMITS, HeadLimited, HeadLimits
 
 if TYPE_CHECKING:
     from ember.activator.app import ActivatorApp, Reply
@@ -68,7 +69,7 @@ class _Exchange:
         self.task: asyncio.Task[None] | None = None
 
 
-class ProxyProtocol(HttpToolsProtocol):
+class ProxyProtocol(HeadLimited, HttpToolsProtocol):
     def __init__(
         self,
         config: Config,
@@ -76,19 +77,23 @@ class ProxyProtocol(HttpToolsProtocol):
         app_state: dict[str, Any],
         _loop: asyncio.AbstractEventLoop | None = None,
         *,
+        limits: HeadLimits = DEFAULT_LIMITS,
         front: ActivatorApp,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
+        self._limit_heads(limits)
         self._front = front
 
     # --- parser callbacks ---------------------------------------------------------------
     def on_message_begin(self) -> None:
+        self._head_begins()
         # The ASGI scope is built only for the requests that go to ASGI (on_headers_complete).
         self.url = b""
         self.expect_100_continue = False
         self.headers = []
 
     def on_headers_complete(self) -> None:
+        self._head_ends()
         model = self._forwardable()
         if model is None:
             url, received, expect = self.url, self.headers, self.expect_100_continue

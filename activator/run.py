@@ -10,7 +10,7 @@ import logging
 import signal
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +23,18 @@ from ember.activator.dns import DnsBackend
 from ember.activator.errors import ShuttingDown
 from ember.activator.grpc_proxy import GrpcProxy
 from ember.activator.keda import start_keda_server
-from ember.activator.local import LocalBackend, LocalOptions
+from ember.activator.local import LocalBackend, LocalOptions, RunDirInUse
 from ember.activator.metrics import ActivatorMetrics
 from ember.activator.protocol import ProxyProtocol
 from ember.activator.proxy import HttpPool
 from ember.activator.scaling import ScalingSettings
 from ember.activator.service import Service
 from ember.activator.settings import ActivatorSettings
+from ember.activator.upstream import ReplicaClient
 from ember.server import logs
 from ember.server.config import discover
 from ember.server.errors import ConfigError
+from ember.server.rest.header_limits import HeadLimits
 
 log = logging.getLogger("ember.activator")
 
@@ -120,6 +122,20 @@ def run(settings: ActivatorSettings) -> int:
         return runner.run(serve(settings, scaling, sock))
 
 
+SWEEP_S = 10.0
+
+
+async def _sweep(
+    services: Mapping[str, Service], client: ReplicaClient, grpc_proxy: GrpcProxy
+) -> None:
+    """Drop connections and channels to replicas that have left every rotation."""
+    while True:
+        await asyncio.sleep(SWEEP_S)
+        replicas = [r for s in services.values() for r in s.throttler.replicas()]
+        client.prune({r.address for r in replicas})
+        await grpc_proxy.prune({r.grpc_address or r.address for r in replicas})
+
+
 async def serve(
     settings: ActivatorSettings, scaling: dict[str, ScalingSettings], sock: socket.socket
 ) -> int:
@@ -141,6 +157,9 @@ async def serve(
                 probe_timeout_s=settings.probe_timeout_s,
                 start_timeout_s=settings.start_timeout_s,
                 drain_s=settings.drain_seconds,
+                # A folder the operator named outlives this process: a restarted activator
+                # finds its replicas' records there.
+                adopt=settings.run_dir is not None,
             ),
             services,
             clock=clock,
@@ -155,6 +174,12 @@ async def serve(
             interval_s=settings.discovery_interval_s,
             probe_timeout_s=settings.probe_timeout_s,
         )
+    if isinstance(backend, LocalBackend):
+        try:
+            await backend.adopt()
+        except RunDirInUse as exc:
+            log.error(str(exc))
+            return 2
     metrics = ActivatorMetrics(services, backend.starting)
     scaling_backend: Backend = backend
     autoscaler = Autoscaler(services, scaling_backend, tick_s=settings.tick_s, clock=clock)
@@ -162,20 +187,26 @@ async def serve(
     app = ActivatorApp(services, pool, metrics, lambda: _status(services, backend, settings), clock)
     config = uvicorn.Config(
         app, log_config=None, access_log=False, lifespan="off",
-        http=functools.partial(ProxyProtocol, front=app),  # type: ignore[arg-type]
+        http=functools.partial(
+            ProxyProtocol, front=app,
+            limits=HeadLimits(settings.max_headers, settings.max_header_bytes),
+        ),  # type: ignore[arg-type]
         timeout_graceful_shutdown=int(settings.drain_seconds) + 1,
     )  # fmt: skip
     server = _Server(config)
 
     grpc_server: grpc.aio.Server | None = None
-    grpc_proxy = GrpcProxy(services, metrics, clock, lambda: app.draining)
+    grpc_proxy = GrpcProxy(
+        services, metrics, clock, lambda: app.draining,
+        max_message_bytes=max(settings.grpc_max_send_bytes, settings.grpc_max_receive_bytes),
+    )  # fmt: skip
     keda_server: grpc.aio.Server | None = None
     try:
         if settings.enable_grpc:
             grpc_server = grpc.aio.server(options=[
                 ("grpc.so_reuseport", 0),
-                ("grpc.max_send_message_length", 128 * 1024 * 1024),
-                ("grpc.max_receive_message_length", 128 * 1024 * 1024),
+                ("grpc.max_send_message_length", settings.grpc_max_send_bytes),
+                ("grpc.max_receive_message_length", settings.grpc_max_receive_bytes),
             ])  # fmt: skip
             grpc_server.add_generic_rpc_handlers((grpc_proxy,))
             if not grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}"):
@@ -201,7 +232,10 @@ async def serve(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    tasks = [asyncio.create_task(autoscaler.run())]
+    tasks = [
+        asyncio.create_task(autoscaler.run()),
+        asyncio.create_task(_sweep(services, app.client, grpc_proxy)),
+    ]
     if isinstance(backend, DnsBackend):
         tasks.append(asyncio.create_task(backend.run()))
     serving = asyncio.create_task(server.serve(sockets=[sock]))

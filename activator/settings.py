@@ -20,6 +20,12 @@ class ActivatorSettings:
     http_port: int = 8080
     grpc_port: int = 8081
     enable_grpc: bool = True
+    # The same defaults as `ember serve`'s: a message its replicas take passes through here.
+    grpc_max_send_bytes: int = 128 * 1024 * 1024
+    grpc_max_receive_bytes: int = 128 * 1024 * 1024
+    # A request's head (request line and headers): beyond either, 431 (as `ember serve`).
+    max_headers: int = 100
+    max_header_bytes: int = 64 * 1024
     backend: str = "local"  # local | keda
     keda_port: int = 9090
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
@@ -29,7 +35,8 @@ class ActivatorSettings:
     start_timeout_s: float = 600.0
     # On SIGTERM: how long queued and in-flight requests may take; also a replica's drain.
     drain_seconds: float = 30.0
-    # Where local replicas write their logs; default a fresh folder under the temp dir.
+    # Where local replicas write their logs and records; default a fresh folder under the
+    # temp dir. Given explicitly, replicas outlive the activator and a restart adopts them.
     run_dir: Path | None = None
     # Extra arguments for each local replica's `ember serve`.
     serve_args: tuple[str, ...] = ()
@@ -70,6 +77,15 @@ def add_activator_arguments(parser: argparse.ArgumentParser) -> None:
     add("--backend", choices=["local", "keda"], default=d.backend,
         help="local: start and stop `ember serve` processes; keda: serve KEDA's external "
         "scaler and find replicas through DNS")  # fmt: skip
+    add("--max-headers", dest="max_headers", type=int, default=d.max_headers,
+        help="requests with more headers get 431 (default %(default)s)")  # fmt: skip
+    add("--max-header-bytes", dest="max_header_bytes", type=int, default=d.max_header_bytes,
+        help="bytes of request line and headers; more get 431 (default 64 KiB)")  # fmt: skip
+    add("--grpc_max_send_message_length", dest="grpc_max_send_bytes", type=int,
+        default=d.grpc_max_send_bytes, help="bytes (default 128 MiB)")  # fmt: skip
+    add("--grpc_max_receive_message_length", dest="grpc_max_receive_bytes", type=int,
+        default=d.grpc_max_receive_bytes, help="larger requests get RESOURCE_EXHAUSTED "
+        "(default 128 MiB)")  # fmt: skip
     add("--keda-port", "--keda_port", dest="keda_port", type=int, default=d.keda_port)
     group = parser.add_argument_group(
         "scaling (Knative's defaults; model.toml [scaling] overrides them per model)"
@@ -90,7 +106,9 @@ def add_activator_arguments(parser: argparse.ArgumentParser) -> None:
         help="a replica not ready this long after start is replaced (default 600 s)")  # fmt: skip
     add("--drain-seconds", dest="drain_seconds", type=float, default=d.drain_seconds)
     add("--run-dir", dest="run_dir", type=Path, default=None,
-        help="folder for local replicas' logs (default: a new temporary folder)")  # fmt: skip
+        help="folder for local replicas' logs and records; replicas then outlive the "
+        "activator, and one restarted on the same folder adopts them (default: a new "
+        "temporary folder, replicas stop with the activator)")  # fmt: skip
     add("--serve-arg", dest="serve_args", action="append", default=[], metavar="ARG",
         help="an argument for each local replica's `ember serve` (repeatable)")  # fmt: skip
     add("--replica-cpus", dest="replica_cpus", type=_cpu_list, default=(), metavar="LIST",
@@ -132,6 +150,10 @@ def settings_from(args: argparse.Namespace) -> ActivatorSettings:
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         enable_grpc=args.enable_grpc,
+        grpc_max_send_bytes=args.grpc_max_send_bytes,
+        grpc_max_receive_bytes=args.grpc_max_receive_bytes,
+        max_headers=args.max_headers,
+        max_header_bytes=args.max_header_bytes,
         backend=args.backend,
         keda_port=args.keda_port,
         scaling=scaling,

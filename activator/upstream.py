@@ -224,6 +224,12 @@ class ReplicaClient:
             raise ConnectFailed(f"cannot connect to {address}: {exc}", True) from None
         return protocol
 
+    def prune(self, live: set[str]) -> None:
+        """Close the idle connections to replicas no longer in rotation (`live`): each cold
+        start brings a new port, so they would otherwise pile up for the activator's life."""
+        for address in [a for a in self._idle if a not in live]:
+            self.forget(address)
+
     def forget(self, address: str) -> None:
         """Close the idle connections to a replica that left the rotation."""
         for connection in self._idle.pop(address, []):

@@ -7,6 +7,7 @@ torch.export archives: nothing here unpickles arbitrary objects.
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 import warnings
 from pathlib import Path
@@ -61,7 +62,16 @@ def _load_state_dict(path: Path, name: str, device: torch.device) -> dict[str, t
         from safetensors.torch import load_file
 
         return load_file(str(path), device=str(device))
-    state = torch.load(path, map_location=device, weights_only=True)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower():
+            raise  # not a refusal: a damaged file, reported as it is
+        # torch's own message suggests weights_only=False: never, and there is no such setting.
+        raise LoadError(
+            f"{path} holds pickled objects other than tensors, which Ember never unpickles "
+            "(it could run code): save a plain state dict of tensors, or safetensors"
+        ) from None
     if not isinstance(state, dict):
         raise LoadError(f"{path} does not hold a state dict")
     return state

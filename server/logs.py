@@ -11,6 +11,9 @@ import orjson
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is a field.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+# At debug these write signed requests out whole (the access key id, session tokens,
+# presigned URLs' query strings): never below info, whatever level was asked for.
+_SIGNED_REQUEST_LOGGERS = ("botocore", "boto3", "s3transfer", "urllib3")
 
 
 class JsonFormatter(logging.Formatter):
@@ -56,3 +59,5 @@ def configure(level: str, json: bool | None = None) -> None:
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
+    for name in _SIGNED_REQUEST_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.INFO, root.level))

@@ -26,6 +26,7 @@ from ember.server.errors import ConfigError
 from ember.server.metrics import PredictorMetrics
 from ember.server.repository import ModelRepository
 from ember.server.rest.app import build_app
+from ember.server.rest.header_limits import HeadLimits
 from ember.server.rest.protocol import InferProtocol
 from ember.server.rpc.server import build_server
 from ember.server.settings import ServeSettings
@@ -113,7 +114,10 @@ async def serve(
     config = uvicorn.Config(
         app, log_config=None, access_log=False, lifespan="off",
         timeout_graceful_shutdown=int(settings.drain_seconds) + 1,
-        http=functools.partial(InferProtocol, front=app),  # type: ignore[arg-type]
+        http=functools.partial(
+            InferProtocol, front=app,
+            limits=HeadLimits(settings.max_headers, settings.max_header_bytes),
+        ),  # type: ignore[arg-type]
     )  # fmt: skip
     server = _Server(config)
     grpc_server = None

@@ -26,6 +26,9 @@ class ServeSettings:
     log_level: str = "info"
     log_json: bool | None = None
     max_body_bytes: int = 64 * 1024 * 1024
+    # A request's head (request line and headers): beyond either, 431.
+    max_headers: int = 100
+    max_header_bytes: int = 64 * 1024
     drain_seconds: float = 30.0
     enable_grpc: bool = True
     # Serve every model without its [batching] section (one request per forward): an A/B switch.
@@ -128,6 +131,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="larger request bodies get 413 (default 64 MiB)",
     )
     add(
+        "--max-headers",
+        dest="max_headers",
+        type=int,
+        default=d.max_headers,
+        help="requests with more headers get 431 (default %(default)s)",
+    )
+    add(
+        "--max-header-bytes",
+        dest="max_header_bytes",
+        type=int,
+        default=d.max_header_bytes,
+        help="bytes of request line and headers; more get 431 (default 64 KiB)",
+    )
+    add(
         "--drain-seconds",
         dest="drain_seconds",
         type=float,
@@ -212,6 +229,8 @@ def settings_from(args: argparse.Namespace, env: dict[str, str] | None = None) -
         log_level=log_level,
         log_json={"auto": None, "json": True, "text": False}[args.log_format],
         max_body_bytes=args.max_body_bytes,
+        max_headers=args.max_headers,
+        max_header_bytes=args.max_header_bytes,
         drain_seconds=args.drain_seconds,
         enable_grpc=args.enable_grpc,
         torch_threads=args.torch_threads,

@@ -27,6 +27,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from ember.server.rest.front import InferFront
+from ember.server.rest.header_limits import DEFAULT_LIMITS, HeadLimited, HeadLimits
 from ember.server.rest.infer import Reply, Route, over_limit, route, too_large
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -70,7 +71,7 @@ class _Exchange:
         return b"".join(chunks)
 
 
-class InferProtocol(HttpToolsProtocol):
+class InferProtocol(HeadLimited, HttpToolsProtocol):
     def __init__(
         self,
         config: Config,
@@ -78,15 +79,18 @@ class InferProtocol(HttpToolsProtocol):
         app_state: dict[str, Any],
         _loop: asyncio.AbstractEventLoop | None = None,
         *,
+        limits: HeadLimits = DEFAULT_LIMITS,
         front: InferFront,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
+        self._limit_heads(limits)
         self._endpoints = front.endpoints
         self._limit = front.max_body_bytes
         self._routes = front.routes
 
     # --- parser callbacks ---------------------------------------------------------------
     def on_message_begin(self) -> None:
+        self._head_begins()
         # uvicorn builds the ASGI scope here (a dict, a copy of the app state); an inference
         # request never needs one, so it is built only for the requests that go to ASGI.
         self.url = b""
@@ -94,6 +98,7 @@ class InferProtocol(HttpToolsProtocol):
         self.headers = []
 
     def on_headers_complete(self) -> None:
+        self._head_ends()
         where = self._inference_route()
         if where is None:
             url, received, expect = self.url, self.headers, self.expect_100_continue

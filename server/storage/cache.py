@@ -36,6 +36,7 @@ from pathlib import Path
 
 from ember.server.storage.errors import CacheError
 from ember.server.storage.sinks import FileSink
+from ember.server.storage.uri import redacted
 
 log = logging.getLogger("ember.storage")
 
@@ -66,7 +67,7 @@ class CacheKey:
 
     def __str__(self) -> str:
         if not self.bucket:
-            return self.endpoint
+            return redacted(self.endpoint)
         return f"s3://{self.bucket}/{self.key} at {self.endpoint}"
 
 
@@ -200,7 +201,13 @@ class NodeCache:
             stale.unlink(missing_ok=True)
         write_file_atomically(data, key.size, fill)
         sidecar = memoryview(json.dumps({**asdict(key), "created": self._clock()}).encode())
-        write_file_atomically(meta, len(sidecar), lambda sink: sink.write_at(0, sidecar))
+        try:
+            write_file_atomically(meta, len(sidecar), lambda sink: sink.write_at(0, sidecar))
+        except BaseException:
+            # Without its sidecar the data is never used: give its space back (a disk that had
+            # room for the bytes but not for the sidecar would otherwise stay full).
+            data.unlink(missing_ok=True)
+            raise
 
     def _drop_older_versions(self, key: CacheKey) -> None:
         data, _, _ = self._paths(key)

@@ -35,6 +35,7 @@ from ember.server.storage.errors import (
 )
 from ember.server.storage.retry import Transient, with_retries
 from ember.server.storage.sinks import Sink
+from ember.server.storage.uri import redacted
 
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 
@@ -96,7 +97,7 @@ class HttpStore:
                 elif headers.get("Content-Length") is not None:
                     size, ranged = int(headers["Content-Length"]), False
                 else:
-                    raise DownloadFailed(f"{url}: the server sent no Content-Length")
+                    raise DownloadFailed(f"{where}: the server sent no Content-Length")
                 return HttpObject(
                     reply.geturl(), size, strong, headers.get("Last-Modified"), ranged
                 )
@@ -114,18 +115,21 @@ class HttpStore:
 class _Where:
     url: str
 
+    def __str__(self) -> str:
+        return redacted(self.url)
+
     def classify(self, exc: Exception) -> StorageError | Transient:
         if isinstance(exc, urllib.error.HTTPError):
             status = exc.code
             if status == 404:
-                return NoSuchKey(f"{self.url}: HTTP 404 Not Found")
+                return NoSuchKey(f"{self}: HTTP 404 Not Found")
             if status in (401, 403):
-                return AccessDenied(f"{self.url}: HTTP {status} {exc.reason}")
+                return AccessDenied(f"{self}: HTTP {status} {exc.reason}")
             if status in (412, 416):
-                return ObjectChanged(f"{self.url} changed during download; pull again")
+                return ObjectChanged(f"{self} changed during download; pull again")
             if status >= 500 or status == 429:
                 return Transient(f"HTTP {status} {exc.reason}", throttled=status in (429, 503))
-            return DownloadFailed(f"{self.url}: HTTP {status} {exc.reason}")
+            return DownloadFailed(f"{self}: HTTP {status} {exc.reason}")
         if isinstance(exc, urllib.error.URLError):
             reason = exc.reason
             unreachable = isinstance(
@@ -134,14 +138,14 @@ class _Where:
             return Transient(str(reason), unreachable=unreachable)
         if isinstance(exc, OSError | http.client.HTTPException):
             return Transient(f"{type(exc).__name__}: {exc}")
-        return DownloadFailed(f"{self.url}: {type(exc).__name__}: {exc}")
+        return DownloadFailed(f"{self}: {type(exc).__name__}: {exc}")
 
     def exhausted(self, failure: Transient, attempts: int) -> StorageError:
         if failure.unreachable:
             return EndpointUnreachable(
-                f"cannot reach {self.url} after {attempts} attempts: {failure.reason}"
+                f"cannot reach {self} after {attempts} attempts: {failure.reason}"
             )
-        return DownloadFailed(f"{self.url} failed after {attempts} attempts: {failure.reason}")
+        return DownloadFailed(f"{self} failed after {attempts} attempts: {failure.reason}")
 
 
 class _HttpRanges:
@@ -177,7 +181,7 @@ class _HttpRanges:
         obj = self._obj
         etag = reply.headers.get("ETag")
         if obj.etag and etag and etag != obj.etag:
-            raise ObjectChanged(f"{obj.url} changed during download; pull again")
+            raise ObjectChanged(f"{self._where} changed during download; pull again")
         if not obj.ranged:
             # No ranges: a retry starts from the top and skips what is already in place.
             skip = byte_range.start
@@ -190,12 +194,14 @@ class _HttpRanges:
         match = _CONTENT_RANGE.fullmatch(reply.headers.get("Content-Range", ""))
         if reply.status != 206 or match is None:
             # If-Range answers 200 with the whole file when the date no longer matches.
-            raise ObjectChanged(f"{obj.url} changed during download; pull again")
+            raise ObjectChanged(f"{self._where} changed during download; pull again")
         first, last, total = (int(g) for g in match.groups())
         if total != obj.size:
-            raise ObjectChanged(f"{obj.url} changed during download; pull again")
+            raise ObjectChanged(f"{self._where} changed during download; pull again")
         if first != byte_range.start or last != byte_range.end - 1:
-            raise DownloadFailed(f"{obj.url}: asked for {byte_range.header()}, got {first}-{last}")
+            raise DownloadFailed(
+                f"{self._where}: asked for {byte_range.header()}, got {first}-{last}"
+            )
 
     def classify(self, exc: Exception) -> StorageError | Transient:
         return self._where.classify(exc)

@@ -49,10 +49,16 @@ class FileSink:
         return cls(fd, path)
 
     def write_at(self, offset: int, data: memoryview) -> None:
-        while data:
-            written = os.pwrite(self.fd, data, offset)
-            data = data[written:]
-            offset += written
+        try:
+            while data:
+                written = os.pwrite(self.fd, data, offset)
+                data = data[written:]
+                offset += written
+        except OSError as exc:
+            # A local failure, final: retrying the range would blame the network for it.
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CacheError(f"no space left in {self.path.parent}") from None
+            raise CacheError(f"cannot write {self.path}: {exc.strerror}") from None
 
     def sync(self) -> None:
         """Flush to disk: a file published after a crash must hold the bytes it claims to."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from ember.server.storage.errors import InvalidUri
 
@@ -53,7 +53,22 @@ class HttpUri:
         return PurePosixPath(unquote(urlsplit(self.url).path)).name
 
     def __str__(self) -> str:
-        return self.url
+        return redacted(self.url)
+
+
+def redacted(url: str) -> str:
+    """`url` fit for a log line or an error message: the values of its query string and any
+    password in it hidden. Presigned URLs carry their credentials in the query string
+    (X-Amz-Credential, X-Amz-Security-Token, X-Amz-Signature), and so do the URLs some hubs
+    redirect to."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = "&".join(f"{pair.partition('=')[0]}=***" for pair in parts.query.split("&") if pair)
+    if netloc == parts.netloc and not parts.query:
+        return url
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 StorageUri = LocalUri | S3Uri | HttpUri
@@ -91,13 +106,14 @@ def _parse_s3(text: str) -> S3Uri:
 
 def _parse_http(text: str) -> HttpUri:
     parts = urlsplit(text)
+    shown = redacted(text)
     if not parts.hostname:
-        raise InvalidUri(f"{text}: no host")
+        raise InvalidUri(f"{shown}: no host")
     path = unquote(parts.path)
     if ".." in path.split("/"):
-        raise InvalidUri(f"{text}: '..' in path")
+        raise InvalidUri(f"{shown}: '..' in path")
     if not PurePosixPath(path).name or path.endswith("/"):
-        raise InvalidUri(f"{text}: the URL names no file (a folder cannot be listed over HTTP)")
+        raise InvalidUri(f"{shown}: the URL names no file (a folder cannot be listed over HTTP)")
     return HttpUri(text)
 
 

@@ -9,8 +9,10 @@ ticks every 0.2 s, so scale-up, scale-to-zero and replacement happen within seco
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
+import socket
 import textwrap
 import threading
 import time
@@ -20,6 +22,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 
 pytestmark = pytest.mark.e2e
@@ -348,3 +351,172 @@ def test_tritonclient_http_and_grpc_through_the_activator(
     answer = http_client.infer("echo", [http_input], outputs=[output])
     np.testing.assert_array_equal(answer.as_numpy("y"), data)
     assert http_client.get_model_metadata("echo")["name"] == "echo"
+
+
+# -- fault drills and routing -------------------------------------------------------------------
+
+
+def test_sigterm_to_a_replica_under_load_fails_no_request(
+    activator: Callable[..., Activator],
+) -> None:
+    """What the user sees: a replica stopped by someone else (SIGTERM from an operator or a
+    node drain) costs no request. Its readiness turns to 503, the activator takes it out of
+    rotation, the requests it holds finish, it exits 0 long before its 30 s drain budget, and a
+    replacement takes its place. The load keeps requests queued at each replica (6 clients
+    each, 2 instances), so a replica left in rotation would never be idle and would drain for
+    its whole budget, then cut off what it held."""
+    act = activator({"pair": {"scaling": "min_replicas = 2\nmax_replicas = 2", "instances": 2}})
+    doc = act.wait_for("pair", lambda d: d["ready"] == 2, 60, "two replicas")
+    victim = doc["replicas"][0]
+    stop = threading.Event()
+    codes: list[int] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                answer = http.post(f"{act.url}/v2/models/pair/infer", json=body(1.0, 0.2))
+                with lock:
+                    codes.append(answer.status_code)
+
+    threads = [threading.Thread(target=client) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.5)
+        with lock:
+            before = len(codes)
+        os.kill(victim["pid"], signal.SIGTERM)
+        signalled = time.monotonic()
+        act.wait_for(
+            "pair",
+            lambda d: victim["pid"] not in [r["pid"] for r in d["replicas"]],
+            30,
+            "the stopped replica gone",
+        )
+        drained_in = time.monotonic() - signalled
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert len(codes) > before and set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
+    assert drained_in < 10, drained_in
+    assert "replica no longer ready: out of rotation" in act.process.stderr()
+    lines = [json.loads(line) for line in Path(victim["log"]).read_text().splitlines()]
+    stopped = [line for line in lines if line.get("message") == "stopped"]
+    assert stopped and stopped[-1]["exit_code"] == 0 and not stopped[-1]["abandoned"], stopped
+    act.wait_for("pair", lambda d: d["ready"] == 2, 60, "a replacement")
+
+
+def _serve_processes(repo: Path, model: str) -> list[int]:
+    """Every `ember serve` process of `model` in `repo` on this machine, whoever started it."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        argv = process.info["cmdline"] or []
+        ours = "ember.server.cli" in argv and str(repo.absolute()) in argv
+        if ours and argv[argv.index("--model") + 1] == model:
+            found.append(process.pid)
+    return found
+
+
+def test_an_activator_restarted_on_its_run_dir_adopts_the_running_replica(
+    ember: Any, tmp_path: Path
+) -> None:
+    """What the user sees: an activator that crashed (SIGKILL) and is started again with the
+    same --run-dir answers the next request from the replica that was already warm: no cold
+    start (no X-Ember-Cold-Start-Ms header, the same replica pid), one replica process for the
+    model, not two; stopping the new activator stops that replica too."""
+    repo = repository(tmp_path / "repo", {"echo": {}})
+    run_dir = tmp_path / "run"
+
+    def start() -> Activator:
+        return Activator(
+            ember(
+                "--model-repository", repo, "--run-dir", run_dir, "--tick-seconds", "0.2",
+                "--probe-interval", "0.05", "--log-format", "json", command="activator",
+            )
+        )  # fmt: skip
+
+    first = start()
+    warm = first.infer("echo", body(1.0))
+    assert warm.status_code == 200 and "x-ember-cold-start-ms" in warm.headers
+    [replica] = first.status("echo")["replicas"]
+    pid = replica["pid"]
+    assert sorted(p.name for p in (run_dir / "replicas").iterdir()) == [f"{pid}.json"]
+    try:
+        first.process.signal(signal.SIGKILL)
+        first.process.wait_exit(10)
+        assert psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # it outlived the activator
+
+        second = start()
+        answer = second.infer("echo", body(2.0))
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["outputs"][0]["data"] == [2.0]
+        assert "x-ember-cold-start-ms" not in answer.headers
+        assert [r["pid"] for r in second.status("echo")["replicas"]] == [pid]
+        assert _serve_processes(repo, "echo") == [pid]
+        assert "replica adopted" in second.process.stderr()
+        metrics = httpx.get(f"{second.url}/metrics").text
+        assert 'ember_activator_cold_start_seconds_count{model_name="echo"} 0.0' in metrics
+        assert second.process.stop() == 0
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert list((run_dir / "replicas").iterdir()) == []
+    finally:
+        for leftover in _serve_processes(repo, "echo"):
+            os.kill(leftover, signal.SIGKILL)
+
+
+def _raw_exchange(port: int, request: bytes) -> tuple[int, bytes]:
+    """Send one HTTP/1.1 request as written (Connection: close); the status and body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, answer = received.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), answer
+
+
+def test_a_client_cannot_choose_the_upstream(activator: Callable[..., Activator]) -> None:
+    """What the user sees: which replica a request reaches is chosen by the model name on the
+    path and nothing else. A Host header, an absolute-form target (`POST http://elsewhere/...`),
+    X-Forwarded-Host or Forwarded naming another address still reach the model's own replica
+    (the answer is its echo), in both the buffered and the streamed (chunked) path, and nothing
+    ever connects to the address they name."""
+    decoy = socket.socket()
+    decoy.bind(("127.0.0.1", 0))
+    decoy.listen(16)
+    decoy.settimeout(0.2)
+    elsewhere = f"127.0.0.1:{decoy.getsockname()[1]}".encode()
+    act = activator({"echo": {}})
+    assert act.infer("echo", body()).status_code == 200
+    port = act.process.port
+    try:
+        for target in (b"/v2/models/echo/infer", b"http://" + elsewhere + b"/v2/models/echo/infer"):
+            for chunked in (False, True):
+                payload = json.dumps(body(5.0)).encode()
+                if chunked:
+                    framing = b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+                else:
+                    framing = b"Content-Length: %d\r\n\r\n%s"
+                framing %= (len(payload), payload)
+                request = (
+                    b"POST " + target + b" HTTP/1.1\r\nHost: " + elsewhere + b"\r\n"
+                    b"X-Forwarded-Host: " + elsewhere + b"\r\nForwarded: host=" + elsewhere
+                    + b"\r\nContent-Type: application/json\r\nConnection: close\r\n" + framing
+                )  # fmt: skip
+                status, answer = _raw_exchange(port, request)
+                assert status == 200, (target, chunked, answer)
+                assert json.loads(answer)["outputs"][0]["data"] == [5.0], answer
+        # The name on the path is all that counts: another model's name behind a host is its own.
+        status, answer = _raw_exchange(
+            port,
+            b"GET http://" + elsewhere + b"/v2/models/nope HTTP/1.1\r\nHost: " + elsewhere
+            + b"\r\nConnection: close\r\n\r\n",
+        )  # fmt: skip
+        assert status == 404 and b"nope" in answer
+        with pytest.raises(TimeoutError):
+            decoy.accept()
+    finally:
+        decoy.close()

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -213,3 +214,123 @@ def test_weights_prefetched_during_imports_are_downloaded_once(
     local_url, _ = serve(["--model-repository", str(local.parent)], env)
     assert infer(remote_url, "tiny", BODY) == infer(local_url, "tiny", BODY)
     assert len(front.gets("tiny.safetensors")) == 1  # one small object: one ranged GET
+
+
+def test_s3_endpoint_down_at_start_is_one_clear_line_after_retries(
+    serve: Any, tmp_path: Path
+) -> None:
+    """What the user sees: `ember serve` whose weights sit on an S3 endpoint that does not
+    answer exits non-zero within seconds with one error line naming the endpoint, the object
+    and the attempts made (no traceback); the cache keeps no file."""
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    remote = tiny_folder(tmp_path / "remote", "s3://bucket/w/tiny.safetensors")
+    cache = tmp_path / "cache"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "AKIAEMBERTESTKEY0001",
+        "AWS_SECRET_ACCESS_KEY": "x" * 30,
+        "S3_CONNECT_TIMEOUT": "2",
+        "EMBER_CACHE_DIR": str(cache),
+    }
+    started = time.monotonic()
+    _, process = serve(["--model-repository", str(remote.parent)], env, wait=False)
+    assert process.wait(90) != 0
+    assert time.monotonic() - started < 60
+    stderr = process.stderr.read()
+    errors = [line for line in stderr.splitlines() if '"level":"error"' in line]
+    assert len(errors) == 1, errors
+    message = json.loads(errors[0])
+    text = f"{message['message']} {message.get('error', '')}"
+    assert f"cannot reach S3 endpoint {endpoint}" in text and "after 3 attempts" in text, text
+    assert "s3://bucket/w/tiny.safetensors" in text
+    assert "Traceback" not in stderr
+    assert not [p for p in cache.rglob("*") if p.is_file()]
+
+
+LEAK_KEY_ID = "AKIAEMBERLEAKCHECK07"
+LEAK_SECRET = "sk-EMBER-SECRET-4f1d9c0b7e2a6d3f8c5b1a0e9d7c6b5a4f3e2d1c"
+LEAK_TOKEN = "st-EMBER-TOKEN-0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b"
+
+
+def test_credentials_never_reach_logs_errors_or_metrics(
+    rclone: Any, rclone_auth: Any, rclone_http: Any, serve: Any, ember_cli: Any, tmp_path: Path
+) -> None:
+    """What the user sees: whatever happens (weights served, bad and unknown requests, a
+    missing object, credentials refused), the secret key, the session token and the access
+    key id appear in no log line at debug level, no error answer and no metric; neither do
+    the ones a presigned HTTPS URL carries in its query string."""
+    secret_env = {
+        "AWS_ACCESS_KEY_ID": LEAK_KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": LEAK_SECRET,
+        "AWS_SESSION_TOKEN": LEAK_TOKEN,
+    }
+    seen: dict[str, str] = {}
+
+    def stderr_of(process: Any) -> str:
+        if process.poll() is None:
+            process.terminate()
+        return str(process.communicate(timeout=30)[1])
+
+    # Served from S3 (rclone takes any credentials), then asked good, bad and unknown things.
+    local, remote = tiny_on_s3(rclone, tmp_path, seed=7)
+    env = rclone.env(EMBER_CACHE_DIR=str(tmp_path / "cache"), **secret_env)
+    url, process = serve(["--model-repository", str(remote.parent), "--log-level", "debug"], env)
+    assert infer(url, "tiny", BODY)
+    bad = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 5],
+                                   "data": [0] * 5}]}).encode()  # fmt: skip
+    for path, data in [("/v2/models/tiny/infer", bad), ("/v2/models/nope/infer", BODY)]:
+        request = urllib.request.Request(url + path, data=data)
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=30)
+        seen[path] = f"{caught.value.headers}\n{caught.value.read().decode()}"
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as answer:
+        seen["metrics"] = answer.read().decode()
+    seen["served"] = stderr_of(process)
+    assert '"level":"debug"' in seen["served"]  # the most talkative level really ran
+
+    # A missing object, and credentials the server refuses: serve and pull both fail.
+    bucket = rclone_auth.new_bucket()
+    rclone_auth.put(bucket, "w/tiny.safetensors", b"never read")
+    failing = [
+        ("missing", rclone.env(**secret_env), f"s3://{rclone.new_bucket()}/nope.safetensors"),
+        ("refused", rclone_auth.env(**secret_env), f"s3://{bucket}/w/tiny.safetensors"),
+    ]
+    for name, base, uri in failing:
+        folder = tiny_folder(tmp_path / name, uri)
+        env = {**base, "EMBER_CACHE_DIR": str(tmp_path / "cache")}
+        args = ["--model-repository", str(folder.parent), "--log-level", "debug"]
+        _, process = serve(args, env, wait=False)
+        assert process.wait(60) != 0
+        seen[f"serve {name}"] = stderr_of(process)
+        run = ember_cli(["pull", uri, "--log-level", "debug"], env)
+        assert run.returncode == 1
+        seen[f"pull {name}"] = run.stderr
+    assert "no such key" in seen["serve missing"] and "access denied" in seen["pull refused"]
+
+    # A presigned URL: its credentials are in the query string, served or missing.
+    query = (
+        f"X-Amz-Credential={LEAK_KEY_ID}%2F20260101%2Fus-east-1%2Fs3%2Faws4_request"
+        f"&X-Amz-Security-Token={LEAK_TOKEN}&X-Amz-Signature={LEAK_SECRET[16:]}"
+    )
+    (rclone_http.root / "tiny.safetensors").write_bytes(
+        (local / "weights.safetensors").read_bytes()
+    )
+    for name in ("tiny", "nope"):
+        uri = f"{rclone_http.url}/{name}.safetensors?{query}"
+        folder = tiny_folder(tmp_path / f"presigned-{name}", uri)
+        env = {"EMBER_CACHE_DIR": str(tmp_path / "cache")}
+        args = ["--model-repository", str(folder.parent), "--log-level", "debug"]
+        if name == "tiny":
+            url, process = serve(args, env)
+            assert infer(url, "tiny", BODY)
+        else:
+            _, process = serve(args, env, wait=False)
+            assert process.wait(60) != 0
+        seen[f"serve presigned {name}"] = stderr_of(process)
+        run = ember_cli(["pull", uri, "--log-level", "debug"], env)
+        seen[f"pull presigned {name}"] = run.stderr
+    assert "X-Amz-Security-Token=***" in seen["pull presigned nope"]
+
+    for where, text in seen.items():
+        for secret in (LEAK_SECRET, LEAK_SECRET[16:], LEAK_TOKEN, LEAK_KEY_ID):
+            assert secret not in text, f"{secret[:12]}... in {where}"

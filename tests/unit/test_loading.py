@@ -101,7 +101,8 @@ def test_safetensors_architecture_adopts_weights(tmp_path: Path, weights: str) -
     check(folder, reference)
 
 
-def test_pickled_objects_are_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_pickled_objects_are_refused(tmp_path: Path, writer: str) -> None:
     extra = 'storage_uri = "evil.pt"\narchitecture = "arch:Tiny"\n[architecture_kwargs]\nwidth = 3'
     folder = model_dir(tmp_path, "safetensors", extra)
     (folder / "arch.py").write_text(ARCH)
@@ -111,9 +112,15 @@ def test_pickled_objects_are_refused(tmp_path: Path) -> None:
         def __reduce__(self) -> tuple[object, tuple[str]]:
             return (marker.write_text, ("yes",))
 
-    (folder / "evil.pt").write_bytes(pickle.dumps({"linear.weight": Evil()}))
-    with pytest.raises(LoadError):
+    # A bare pickle, and the zip archive torch.save writes (what a real .pt file is).
+    state = {"linear.weight": Evil(), "linear.bias": torch.zeros(3)}
+    if writer == "pickle":
+        (folder / "evil.pt").write_bytes(pickle.dumps(state))
+    else:
+        torch.save(state, folder / "evil.pt")
+    with pytest.raises(LoadError, match="pickled objects other than tensors") as caught:
         load(load_model_config(folder), folder)
+    assert "evil.pt" in str(caught.value) and "weights_only=False" not in str(caught.value)
     assert not marker.exists()
 
 

@@ -10,6 +10,7 @@ from ember.server.storage.uri import (
     LocalUri,
     S3Uri,
     parse_uri,
+    redacted,
     safe_relative_path,
 )
 
@@ -91,3 +92,23 @@ def test_safe_relative_path() -> None:
     for bad in ("", "/abs", "a/../b", "..", "a//b", "./a", "a\0b"):
         with pytest.raises(InvalidUri):
             safe_relative_path(bad, "k")
+
+
+def test_urls_are_shown_without_their_credentials() -> None:
+    signed = (
+        "https://b.s3.amazonaws.com/w/model.safetensors?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+        "&X-Amz-Credential=AKIAEXAMPLE%2F20260101%2Fus-east-1%2Fs3%2Faws4_request"
+        "&X-Amz-Security-Token=tok&X-Amz-Signature=abc123"
+    )
+    shown = redacted(signed)
+    assert shown == (
+        "https://b.s3.amazonaws.com/w/model.safetensors?X-Amz-Algorithm=***"
+        "&X-Amz-Credential=***&X-Amz-Security-Token=***&X-Amz-Signature=***"
+    )
+    assert str(parse_uri(signed)) == shown and parse_uri(signed) == HttpUri(signed)
+    assert redacted("http://user:pw@host:8080/a.bin") == "http://***@host:8080/a.bin"
+    plain = "https://host/a.bin"
+    assert redacted(plain) == plain
+    with pytest.raises(InvalidUri) as caught:
+        parse_uri("https://host/folder/?X-Amz-Signature=abc123")
+    assert "abc123" not in str(caught.value)
