@@ -348,8 +348,13 @@ def load_model_config(model_dir: Path, name: str | None = None) -> ModelConfig:
         raw = tomllib.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{file}: no such file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:
+        # TOMLDecodeError and UnicodeDecodeError, and the ValueError tomllib lets through for
+        # an integer of more digits than int() converts.
         raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables by recursion.
+        raise ConfigError(f"{file}: not valid TOML: arrays or tables nested too deeply") from None
     raw.setdefault("name", model_dir.name)
     if name is not None:
         raw["name"] = name

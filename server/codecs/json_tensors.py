@@ -5,8 +5,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
+from ember.server.codecs.raw import element_count
+from ember.server.codecs.shown import shown
 from ember.server.datatypes import NUMPY_DTYPES
 from ember.server.errors import InvalidInput
 
@@ -25,9 +28,22 @@ def _accepts(datatype: str, kind: str) -> bool:
 def parse_shape(shape: Any, where: str) -> tuple[int, ...]:
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise InvalidInput(
-            f"{where}: 'shape' must be a list of non-negative integers, got {shape!r}"
+            f"{where}: 'shape' must be a list of non-negative integers, got {shown(shape)}"
         )
+    element_count(tuple(shape), where)
     return tuple(shape)
+
+
+def cast_floats(array: np.ndarray, dtype: np.dtype[Any], datatype: str, where: str) -> np.ndarray:
+    """`array` as the float `dtype`; numbers beyond its range are refused, not made infinite."""
+    with np.errstate(over="ignore"):
+        cast = array.astype(dtype, copy=False)
+    # JSON has no infinities or NaNs: any in the result came from an overflow.
+    if cast.size and not np.isfinite(cast).all():
+        # ml_dtypes' finfo also knows bfloat16, numpy's does not.
+        top = float(ml_dtypes.finfo(dtype).max)  # type: ignore[no-untyped-call]
+        raise InvalidInput(f"{where}: values out of range for {datatype} [{-top:g}, {top:g}]")
+    return cast
 
 
 def _bytes_array(data: Any, where: str) -> np.ndarray:
@@ -73,7 +89,7 @@ def array_from_json(
     dtype = NUMPY_DTYPES.get(datatype) if isinstance(datatype, str) else None
     if dtype is None:
         raise InvalidInput(
-            f"{where}: unknown datatype {datatype!r}, expected one of {list(NUMPY_DTYPES)}"
+            f"{where}: unknown datatype {shown(datatype)}, expected one of {list(NUMPY_DTYPES)}"
         )
     if datatype in ("FP16", "BF16"):
         raise InvalidInput(
@@ -102,7 +118,10 @@ def array_from_json(
                 raise InvalidInput(
                     f"{where}: values out of range for {datatype} [{info.min}, {info.max}]"
                 )
-        array = array.astype(dtype, copy=False)
+        if dtype.kind == "f":
+            array = cast_floats(array, dtype, datatype, where)
+        else:
+            array = array.astype(dtype, copy=False)
     if shape is not None and array.shape != shape:
         expected = math.prod(shape)
         if array.size != expected:

@@ -12,17 +12,32 @@ import struct
 
 import numpy as np
 
+from ember.server.codecs.shown import shown
 from ember.server.datatypes import NUMPY_DTYPES
 from ember.server.errors import InvalidInput
 
 _LENGTH = struct.Struct("<I")
 
+# numpy 1.x arrays have at most 32 dimensions (2.x: 64); the lower limit holds for both.
+MAX_DIMS = 32
+# numpy sizes an array as the product of its non-zero dimensions times the element size, in a
+# signed 64-bit integer, even when another dimension is 0: past this it refuses with a
+# ValueError. 8 bytes is the widest element here (INT64, FP64, a BYTES object pointer).
+_MAX_BYTES = 2**63 - 1
+_WIDEST = 8
+
 
 def element_count(shape: tuple[int, ...], where: str) -> int:
-    count = math.prod(shape)
+    """The elements `shape` holds, once it is known to be a shape numpy can make."""
+    if len(shape) > MAX_DIMS:
+        raise InvalidInput(
+            f"{where}: shape has {len(shape)} dimensions, at most {MAX_DIMS} are supported"
+        )
     if any(d < 0 for d in shape):
         raise InvalidInput(f"{where}: shape {list(shape)} has a negative dimension")
-    return count
+    if math.prod(d for d in shape if d) * _WIDEST > _MAX_BYTES:
+        raise InvalidInput(f"{where}: shape {list(shape)} is too large")
+    return math.prod(shape)
 
 
 def array_from_raw(
@@ -32,7 +47,7 @@ def array_from_raw(
     dtype = NUMPY_DTYPES.get(datatype)
     if dtype is None:
         raise InvalidInput(
-            f"{where}: unknown datatype {datatype!r}, expected one of {list(NUMPY_DTYPES)}"
+            f"{where}: unknown datatype {shown(datatype)}, expected one of {list(NUMPY_DTYPES)}"
         )
     count = element_count(shape, where)
     if datatype == "BYTES":

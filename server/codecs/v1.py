@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from ember.server.codecs.json_tensors import array_from_json
+from ember.server.codecs.json_tensors import array_from_json, cast_floats
+from ember.server.codecs.raw import MAX_DIMS
 from ember.server.config import ModelConfig, TensorSpec
 from ember.server.datatypes import NUMPY_DTYPES
 from ember.server.errors import InvalidInput
@@ -47,9 +48,12 @@ def _element(value: Any, where: str) -> bytes:
     raise InvalidInput(f'{where}: expected a string or {{"b64": "..."}}, got {kind}')
 
 
-def _leaves(value: Any, where: str) -> Any:
+def _leaves(value: Any, where: str, depth: int = 0) -> Any:
     if isinstance(value, list):
-        return [_leaves(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        # Deeper than any array can be, and deep enough to hit Python's recursion limit.
+        if depth == MAX_DIMS:
+            raise InvalidInput(f"{where}: data nested deeper than {MAX_DIMS} levels")
+        return [_leaves(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
     return _element(value, where)
 
 
@@ -71,7 +75,7 @@ def _tensor(spec: TensorSpec, data: Any, where: str) -> Tensor:
     carrier = _JSON_CARRIER.get(spec.datatype, spec.datatype)
     array = array_from_json(data, carrier, None, where)
     if carrier != spec.datatype:
-        array = array.astype(NUMPY_DTYPES[spec.datatype])
+        array = cast_floats(array, NUMPY_DTYPES[spec.datatype], spec.datatype, where)
     return Tensor(name=spec.name, datatype=spec.datatype, data=array)
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from ember.server.codecs.json_tensors import array_from_json, array_to_json, parse_shape
 from ember.server.codecs.raw import array_from_raw, raw_view
+from ember.server.codecs.shown import shown
 from ember.server.config import ModelConfig, TensorSpec
 from ember.server.errors import InvalidInput
 from ember.server.request import InferRequest, InferResponse, RequestedOutput, Tensor
@@ -28,7 +29,7 @@ def _parameters(doc: dict[str, Any], where: str) -> dict[str, Any]:
 def _string(doc: dict[str, Any], key: str, where: str) -> str:
     value = doc.get(key)
     if not isinstance(value, str) or not value:
-        raise InvalidInput(f"{where}: '{key}' must be a non-empty string, got {value!r}")
+        raise InvalidInput(f"{where}: '{key}' must be a non-empty string, got {shown(value)}")
     return value
 
 
@@ -39,7 +40,7 @@ def deadline_from(parameters: dict[str, Any]) -> float | None:
         return None
     if type(timeout) is not int or timeout < 0:
         raise InvalidInput(
-            f"parameter 'timeout' must be microseconds (an integer >= 0), got {timeout!r}"
+            f"parameter 'timeout' must be microseconds (an integer >= 0), got {shown(timeout)}"
         )
     return time.monotonic() + timeout / 1e6
 
@@ -81,7 +82,7 @@ def decode_tensor(item: Any, index: int, binary: _BinaryCursor | None = None) ->
             raise InvalidInput(f"{where}: has both 'data' and 'binary_data_size'")
         chunk = binary.take(params["binary_data_size"], where)
         if not isinstance(datatype, str):
-            raise InvalidInput(f"{where}: 'datatype' must be a string, got {datatype!r}")
+            raise InvalidInput(f"{where}: 'datatype' must be a string, got {shown(datatype)}")
         array = array_from_raw(chunk, datatype, shape, where)
         params = {k: v for k, v in params.items() if k != "binary_data_size"}
         return Tensor(name=name, datatype=datatype, data=array, parameters=params)
@@ -106,7 +107,7 @@ def decode_request(
         raise InvalidInput("request body: 'inputs' must be a non-empty list of tensors")
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise InvalidInput(f"request body: 'id' must be a string, got {request_id!r}")
+        raise InvalidInput(f"request body: 'id' must be a string, got {shown(request_id)}")
     params = _parameters(doc, "request body")
     outputs = None
     if doc.get("outputs") is not None:

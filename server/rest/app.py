@@ -17,6 +17,7 @@ from ember.server.codecs import v2
 from ember.server.dataplane import DataPlane
 from ember.server.errors import EmberError, InvalidInput, Unimplemented
 from ember.server.metadata import EXTENSIONS, SERVER_NAME, SERVER_VERSION
+from ember.server.rest import openapi
 from ember.server.rest.errors import ember_error_response, error_response
 from ember.server.rest.front import InferFront
 from ember.server.rest.infer import InferEndpoints
@@ -178,4 +179,5 @@ def build_routes(dataplane: DataPlane) -> FastAPI:
         "/v1/models/{model_name}:predict",
     ):  # fmt: skip
         app.add_api_route(path, routed_elsewhere, methods=["POST"])
+    openapi.install(app)
     return app

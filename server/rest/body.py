@@ -6,6 +6,7 @@ from typing import Any
 
 import orjson
 
+from ember.server.codecs.shown import shown
 from ember.server.errors import InvalidInput
 
 
@@ -20,14 +21,27 @@ def parse_json(body: bytes) -> Any:
 
 BINARY_HEADER = "inference-header-content-length"
 
+# More digits than this (leading zeros aside) is more bytes than any body: 10**18 B is an
+# exabyte, and int() refuses strings of over 4300 digits outright.
+_MAX_DIGITS = 18
+
+
+def byte_count(value: str) -> int | None:
+    """A header's decimal byte count; None when it is not one. str.isdigit alone is not the
+    test: it accepts '²' and other Unicode digits that int() refuses."""
+    if not (value.isascii() and value.isdigit()):
+        return None
+    digits = value.lstrip("0") or "0"
+    return int(digits) if len(digits) <= _MAX_DIGITS else 10**_MAX_DIGITS
+
 
 def split_binary_body(body: bytes, header_length: str) -> tuple[bytes, memoryview]:
     """Triton's binary extension: the first `header_length` bytes are JSON, the rest tensors."""
-    if not header_length.isdigit():
+    size = byte_count(header_length)
+    if size is None:
         raise InvalidInput(
-            f"Inference-Header-Content-Length must be a byte count, got {header_length!r}"
+            f"Inference-Header-Content-Length must be a byte count, got {shown(header_length)}"
         )
-    size = int(header_length)
     if size > len(body):
         raise InvalidInput(
             f"Inference-Header-Content-Length {size} is larger than the body ({len(body)} bytes)"

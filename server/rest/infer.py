@@ -14,7 +14,7 @@ from ember.server.codecs import v1, v2
 from ember.server.dataplane import DataPlane
 from ember.server.errors import EmberError, PayloadTooLarge
 from ember.server.request import InferRequest, InferResponse
-from ember.server.rest.body import BINARY_HEADER, parse_json, split_binary_body
+from ember.server.rest.body import BINARY_HEADER, byte_count, parse_json, split_binary_body
 from ember.server.rest.errors import HTTP_STATUS, RETRY_AFTER
 
 log = logging.getLogger("ember.server.rest")
@@ -87,7 +87,8 @@ def error_reply(exc: EmberError) -> Reply:
 
 def too_large(declared: str | None, limit: int) -> PayloadTooLarge | None:
     """The error for a declared Content-Length over `limit`, before any of the body is read."""
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    size = None if declared is None else byte_count(declared)
+    if size is not None and size > limit:
         return PayloadTooLarge(
             f"request body of {declared} bytes exceeds the limit of {limit} bytes"
         )

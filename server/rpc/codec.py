@@ -9,6 +9,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 
 from ember.server.codecs.raw import array_from_raw, element_count, raw_view
+from ember.server.codecs.shown import shown
 from ember.server.codecs.v2 import deadline_from
 from ember.server.datatypes import NUMPY_DTYPES
 from ember.server.errors import InvalidInput
@@ -99,13 +100,17 @@ def decode_request(
             raise InvalidInput(f"inputs[{i}]: 'name' is empty")
         if tensor.datatype not in NUMPY_DTYPES:
             raise InvalidInput(
-                f"{where}: unknown datatype {tensor.datatype!r}, "
+                f"{where}: unknown datatype {shown(tensor.datatype)}, "
                 f"expected one of {list(NUMPY_DTYPES)}"
             )
         shape = tuple(tensor.shape)
-        if any(d < 0 for d in shape):
-            raise InvalidInput(f"{where}: shape {list(shape)} has a negative dimension")
+        element_count(shape, where)
         if raw:
+            # As Triton: with raw contents a tensor's typed contents are not quietly ignored.
+            if tensor.contents.ListFields():
+                raise InvalidInput(
+                    f"{where}: has both 'contents' and raw_input_contents; send one or the other"
+                )
             array = array_from_raw(raw[i], tensor.datatype, shape, where)
         else:
             array = _typed(tensor, shape, where)
