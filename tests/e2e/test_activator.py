@@ -9,6 +9,7 @@ ticks every 0.2 s, so scale-up, scale-to-zero and replacement happen within seco
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import socket
 import textwrap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -236,34 +237,39 @@ def test_idle_model_scales_to_zero_and_a_request_during_scale_down_succeeds(
     act.wait_for("echo", lambda d: d["desired"] == 0 and not d["replicas"], 25, "stopped again")
 
 
+@contextlib.contextmanager
+def _under_load(url: str, request: Any, clients: int) -> Iterator[list[int]]:
+    """`clients` threads posting `request` to `url` in a loop until the block ends; yields the
+    status codes as they come (list.append is atomic, so no lock is needed to read it)."""
+    stop = threading.Event()
+    codes: list[int] = []
+
+    def client() -> None:
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                codes.append(http.post(url, json=request).status_code)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield codes
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+
 def test_kill_9_of_a_replica_under_load_fails_no_request(
     activator: Callable[..., Activator],
 ) -> None:
     act = activator({"pair": {"scaling": "min_replicas = 2\nmax_replicas = 2", "instances": 2}})
     doc = act.wait_for("pair", lambda d: d["ready"] == 2, 60, "two replicas")
     victim = doc["replicas"][0]["pid"]
-    stop = threading.Event()
-    codes: list[int] = []
-    lock = threading.Lock()
-
-    def client() -> None:
-        with httpx.Client(timeout=60) as http:
-            while not stop.is_set():
-                answer = http.post(f"{act.url}/v2/models/pair/infer", json=body(1.0, 0.02))
-                with lock:
-                    codes.append(answer.status_code)
-
-    threads = [threading.Thread(target=client) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    try:
+    with _under_load(f"{act.url}/v2/models/pair/infer", body(1.0, 0.02), 6) as codes:
         time.sleep(1.0)
         os.kill(victim, signal.SIGKILL)
         time.sleep(1.5)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
     assert codes and set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
     doc = act.wait_for("pair", lambda d: d["ready"] == 2, 60, "a replacement")
     assert victim not in [r["pid"] for r in doc["replicas"]]
@@ -368,24 +374,9 @@ def test_sigterm_to_a_replica_under_load_fails_no_request(
     act = activator({"pair": {"scaling": "min_replicas = 2\nmax_replicas = 2", "instances": 2}})
     doc = act.wait_for("pair", lambda d: d["ready"] == 2, 60, "two replicas")
     victim = doc["replicas"][0]
-    stop = threading.Event()
-    codes: list[int] = []
-    lock = threading.Lock()
-
-    def client() -> None:
-        with httpx.Client(timeout=60) as http:
-            while not stop.is_set():
-                answer = http.post(f"{act.url}/v2/models/pair/infer", json=body(1.0, 0.2))
-                with lock:
-                    codes.append(answer.status_code)
-
-    threads = [threading.Thread(target=client) for _ in range(12)]
-    for thread in threads:
-        thread.start()
-    try:
+    with _under_load(f"{act.url}/v2/models/pair/infer", body(1.0, 0.2), 12) as codes:
         time.sleep(1.5)
-        with lock:
-            before = len(codes)
+        before = len(codes)
         os.kill(victim["pid"], signal.SIGTERM)
         signalled = time.monotonic()
         act.wait_for(
@@ -396,10 +387,6 @@ def test_sigterm_to_a_replica_under_load_fails_no_request(
         )
         drained_in = time.monotonic() - signalled
         time.sleep(0.5)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
     assert len(codes) > before and set(codes) == {200}, {c: codes.count(c) for c in set(codes)}
     assert drained_in < 10, drained_in
     assert "replica no longer ready: out of rotation" in act.process.stderr()
