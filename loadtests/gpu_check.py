@@ -5,7 +5,10 @@
 2. throughput: the raw in-process forward against the served one, mlp with batching on and
    off, over V2 binary (`ember bench --serve --compare no-batching`, its JSON read back), and
    on CUDA the same again with CUDA graphs on (a copy of the model with `cuda_graphs = true`);
-3. copies: host-to-device and device-to-host GB/s of 64 MiB from pinned and pageable memory.
+3. copies: host-to-device and device-to-host GB/s of 64 MiB from pinned and pageable memory;
+4. weights: a synthetic safetensors file placed onto the device through Ember's staging ring
+   (`weights/placement.py`, what streams weights from S3) against the safetensors package's
+   own `load_file(device=...)`, both from the page cache; the tensors must be identical.
 
     python loadtests/gpu_check.py                      # CUDA; fails at once without it
     python loadtests/gpu_check.py --device cpu --quick  # the same steps on the CPU, short
@@ -50,11 +53,13 @@ class Plan:
     warmup: float
     raw_seconds: float
     copy_repeats: int
+    weights_bytes: int
 
 
 FULL = Plan(concurrency=(1, 8, 32, 64), duration=5.0, warmup=1.0, raw_seconds=2.0,
-            copy_repeats=20)  # fmt: skip
-QUICK = Plan(concurrency=(1, 8), duration=1.0, warmup=0.3, raw_seconds=0.3, copy_repeats=3)
+            copy_repeats=20, weights_bytes=2 << 30)  # fmt: skip
+QUICK = Plan(concurrency=(1, 8), duration=1.0, warmup=0.3, raw_seconds=0.3, copy_repeats=3,
+             weights_bytes=64 << 20)  # fmt: skip
 
 
 class CheckError(Exception):
@@ -74,6 +79,18 @@ class Copy:
     direction: str  # "H2D" or "D2H"
     memory: str  # "pinned" or "pageable"
     gb_per_s: float | None  # None: not possible on this device
+
+
+@dataclass(frozen=True, slots=True)
+class WeightsLoad:
+    loader: str  # "ember placement" (the staging ring on CUDA) or "safetensors"
+    size_bytes: int
+    seconds: float
+    identical: bool
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.size_bytes / self.seconds / 1e9
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +199,51 @@ def copy_rates(device: str, repeats: int, size: int = COPY_BYTES) -> list[Copy]:
     return rates
 
 
+def weights_loads(device: str, size: int) -> list[WeightsLoad]:
+    """Seconds to put a `size`-byte safetensors file (FP16 4096x4096 tensors) onto `device`:
+    Ember's placement through the staging ring, then the safetensors package; best of two
+    each, after a first read has put the file in the page cache."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ember.server.loading import _place_file
+
+    target = torch.device("cuda" if device == "cuda" else "cpu")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    per_tensor = 4096 * 4096 * 2
+    generator = torch.Generator().manual_seed(0)
+    state = {
+        f"layer{i}.weight": torch.randn(4096, 4096, generator=generator).to(torch.float16)
+        for i in range(max(1, size // per_tensor))
+    }
+    shm = Path("/dev/shm")
+    with tempfile.TemporaryDirectory(dir=shm if shm.is_dir() else None) as folder:
+        path = Path(folder) / "weights.safetensors"
+        save_file(state, str(path))
+        del state
+        total = path.stat().st_size
+        path.read_bytes()  # into the page cache for both loaders
+
+        def best(load: Any) -> tuple[float, dict[str, Any]]:
+            times, result = [], {}
+            for _ in range(2):
+                result = {}
+                sync()
+                start = time.perf_counter()
+                result = load()
+                sync()
+                times.append(time.perf_counter() - start)
+            return min(times), result
+
+        ring_s, placed = best(lambda: _place_file(path, target))
+        lib_s, loaded = best(lambda: load_file(str(path), device=str(target)))
+        same = placed.keys() == loaded.keys() and all(
+            torch.equal(placed[k], loaded[k]) for k in loaded
+        )
+    return [WeightsLoad("ember placement", total, ring_s, same),
+            WeightsLoad("safetensors", total, lib_s, same)]  # fmt: skip
+
+
 def bench_command(plan: Plan, json_path: Path, repository: Path) -> list[str]:
     """`ember bench` for step 2: both servers, V2 binary, the raw forward at the batch sizes."""
     argv = [
@@ -277,7 +339,11 @@ def _align(lines: Sequence[Sequence[str]]) -> str:
 
 
 def format_report(
-    device: str, matches: Sequence[Match], rates: Sequence[Throughput], copies: Sequence[Copy]
+    device: str,
+    matches: Sequence[Match],
+    rates: Sequence[Throughput],
+    copies: Sequence[Copy],
+    loads: Sequence[WeightsLoad] = (),
 ) -> str:
     parts = [f"mlp on {device}: outputs against the CPU's (rtol {RTOL:g}, atol {ATOL:g})"]
     lines: list[Sequence[str]] = [("runner", "batch", "max |diff|", "match")]
@@ -309,6 +375,17 @@ def format_report(
     parts.append(_align(lines))
     if device == "cpu":
         parts.append("  on --device cpu the copies are host to host; pinning needs CUDA (n/a)")
+    if loads:
+        size = loads[0].size_bytes / (1024 * 1024)
+        parts.append(
+            f"\nweights: {size:,.0f} MiB of safetensors onto {device}, from the page cache"
+        )
+        lines = [("loader", "seconds", "GB/s", "tensors")]
+        lines += [(w.loader, f"{w.seconds:.3f}", f"{w.gb_per_s:.2f}",
+                   "identical" if w.identical else "DIFFER") for w in loads]  # fmt: skip
+        parts.append(_align(lines))
+        if device == "cpu":
+            parts.append("  on the CPU there is no ring and safetensors maps the file (no copy)")
     return "\n".join(parts)
 
 
@@ -338,23 +415,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.UTC)
     try:
         require_device(args.device)
-        print(f"1/3 outputs on {args.device} against the CPU's", file=sys.stderr, flush=True)
+        print(f"1/4 outputs on {args.device} against the CPU's", file=sys.stderr, flush=True)
         matches = check_outputs(args.model_repository, args.device)
-        print("2/3 raw and served throughput (ember bench)", file=sys.stderr, flush=True)
+        print("2/4 raw and served throughput (ember bench)", file=sys.stderr, flush=True)
         doc = run_bench(plan, args.device, args.model_repository)
         graphs_doc = None
         if args.device == "cuda":
-            print("2b/3 the same with CUDA graphs", file=sys.stderr, flush=True)
+            print("2b/4 the same with CUDA graphs", file=sys.stderr, flush=True)
             with tempfile.TemporaryDirectory(prefix="ember-graphs-") as folder:
                 copy = write_graphs_copy(args.model_repository, Path(folder))
                 graphs_doc = run_bench(plan, args.device, copy)
         rates = throughput(doc, graphs_doc)
-        print("3/3 copies", file=sys.stderr, flush=True)
+        print("3/4 copies", file=sys.stderr, flush=True)
         copies = copy_rates(args.device, plan.copy_repeats)
+        print("4/4 weights onto the device", file=sys.stderr, flush=True)
+        loads = weights_loads(args.device, plan.weights_bytes)
     except CheckError as exc:
         print(f"gpu_check: error: {exc}", file=sys.stderr)
         return 2
-    print(format_report(args.device, matches, rates, copies))
+    print(format_report(args.device, matches, rates, copies, loads))
     report = {
         "schema": "ember-gpu-check/1",
         "date": started.isoformat(timespec="seconds"),
@@ -364,11 +443,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "outputs_match": [asdict(m) for m in matches],
         "throughput": [asdict(r) for r in rates],
         "copies": [asdict(c) for c in copies],
+        "weights": [{**asdict(w), "gb_per_s": w.gb_per_s} for w in loads],
         "bench": doc,
         "bench_cuda_graphs": graphs_doc,
     }
     args.json.write_text(json.dumps(report, indent=2))
-    return 0 if all(m.ok for m in matches) else 1
+    return 0 if all(m.ok for m in matches) and all(w.identical for w in loads) else 1
 
 
 if __name__ == "__main__":

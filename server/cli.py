@@ -52,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
 
         settings = settings_from(args)
         # Before the import of torch below: remote weights download while it runs.
-        prefetch.start(settings)
+        prefetched = prefetch.start(settings)
         from ember.server.serve import run
 
-        return run(settings, started)
+        return run(settings, started, prefetched)
     if args.command == "transformer":
         import dataclasses
         import os

@@ -7,11 +7,13 @@ torch.export archives: nothing here unpickles arbitrary objects.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import time
 import warnings
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,7 +26,17 @@ from ember.server.graphs import CudaGraphRunner
 from ember.server.imports import LoadError, import_object
 from ember.server.runners import PythonRunner, Runner, TorchRunner
 from ember.server.storage import fetch
+from ember.server.storage.download import ByteRange
 from ember.server.storage.errors import StorageError
+from ember.server.storage.pull import ReadRange
+from ember.server.storage.sinks import FileSink
+from ember.server.weights.handoff import Handoff, place_from_fd
+from ember.server.weights.header import HeaderError, read_header
+from ember.server.weights.mode import stream_mode, streams
+from ember.server.weights.placement import TensorPlacement
+
+if TYPE_CHECKING:
+    from ember.server.prefetch import Prefetch
 
 log = logging.getLogger("ember.server.loading")
 
@@ -43,18 +55,111 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def _weights(config: ModelConfig, model_dir: Path) -> tuple[Path, str]:
-    """The local weights file and the name that tells its format (remote: via the node cache)."""
-    uri = config.storage_uri
-    if uri is not None and fetch.is_remote(uri):
+@dataclass(frozen=True, slots=True)
+class Weights:
+    path: Path | None
+    # The name that tells the format (a cached file's own name does not).
+    name: str
+    # Already on the device (streamed, or taken from a prefetch's handoff).
+    state: dict[str, torch.Tensor] | None = None
+
+
+def _placer(device: torch.device, uri: str) -> Any:
+    """A storage `PlaceFactory`: safetensors objects go onto `device` as they download."""
+
+    def place(
+        relative: PurePosixPath, size: int, read: ReadRange, file: FileSink
+    ) -> TensorPlacement | None:
+        if relative.suffix != ".safetensors":
+            return None
         try:
-            return fetch.fetch_file(uri)
+            header = read_header(size, lambda start, end: read(ByteRange(start, end)))
+        except HeaderError as exc:
+            raise LoadError(f"{uri}: not a usable safetensors file: {exc}") from None
+        return TensorPlacement(header, device)
+
+    return place
+
+
+def _from_handoff(
+    handoff: Handoff, device: torch.device, uri: str
+) -> dict[str, torch.Tensor] | None:
+    placement = TensorPlacement(handoff.header, device)
+    try:
+        handoff.attach(placement)
+        placement.finish()
+    except Exception as exc:
+        placement.abort()
+        # The prefetch's download failed: the loader fetches again and reports that error.
+        log.info("prefetched download of %s not used: %s", uri, exc)
+        return None
+    return placement.tensors
+
+
+def _place_file(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """A local safetensors file onto `device` through the same placement (the staging ring on
+    CUDA), read in pieces: host memory stays the ring's, not the model's."""
+    with path.open("rb") as file:
+        fd = file.fileno()
+        size = os.fstat(fd).st_size
+        try:
+            header = read_header(size, lambda start, end: os.pread(fd, end - start, start))
+        except HeaderError as exc:
+            raise LoadError(f"{path}: not a usable safetensors file: {exc}") from None
+        placement = TensorPlacement(header, device)
+        try:
+            place_from_fd(fd, header.data_start, size, placement)
+            placement.finish()
+        except BaseException:
+            placement.abort()
+            raise
+    return placement.tensors
+
+
+def _weights(
+    config: ModelConfig,
+    model_dir: Path,
+    device: torch.device,
+    prefetch: Prefetch | None = None,
+) -> Weights:
+    """The weights file and the name that tells its format (remote: via the node cache), or
+    the tensors themselves when they were placed onto the device on the way."""
+    mode = stream_mode(os.environ)
+    streaming = config.format == "safetensors" and streams(mode, device.type)
+    uri = config.storage_uri if config.storage_uri and fetch.is_remote(config.storage_uri) else None
+    if uri is not None:
+        handoff = prefetch.claim(uri) if prefetch is not None else None
+        if handoff is not None:
+            if streaming and (state := _from_handoff(handoff, device, uri)) is not None:
+                _placed(config, device, "from the download started before the imports")
+                return Weights(None, PurePosixPath(uri).name, state)
+            handoff.release()
+        try:
+            path, name, placement = fetch.fetch_file(
+                uri, place=_placer(device, uri) if streaming else None
+            )
         except (StorageError, ValueError) as exc:
             raise LoadError(str(exc)) from None
-    path = config.weights_path(model_dir)
-    if path is None or not path.is_file():
-        raise LoadError(f"weights file {path} does not exist")
-    return path, path.name
+        if placement is not None:
+            assert isinstance(placement, TensorPlacement)
+            _placed(config, device, "as they downloaded")
+            return Weights(path, name, placement.tensors)
+    else:
+        local = config.weights_path(model_dir)
+        if local is None or not local.is_file():
+            raise LoadError(f"weights file {local} does not exist")
+        path, name = local, local.name
+    if streaming and name.endswith(".safetensors"):
+        state = _place_file(path, device)
+        _placed(config, device, "from the cached file" if uri else "from the file")
+        return Weights(path, name, state)
+    return Weights(path, name)
+
+
+def _placed(config: ModelConfig, device: torch.device, how: str) -> None:
+    log.info(
+        f"weights placed onto {device} {how}", extra={"model": config.name, "device": str(device)}
+    )
 
 
 def _load_state_dict(path: Path, name: str, device: torch.device) -> dict[str, torch.Tensor]:
@@ -78,7 +183,11 @@ def _load_state_dict(path: Path, name: str, device: torch.device) -> dict[str, t
 
 
 def build_runner(
-    config: ModelConfig, model_dir: Path, device: torch.device, phases: LoadPhases | None = None
+    config: ModelConfig,
+    model_dir: Path,
+    device: torch.device,
+    phases: LoadPhases | None = None,
+    prefetch: Prefetch | None = None,
 ) -> Runner:
     dtype = getattr(torch, config.dtype)
     if config.format == "python":
@@ -87,7 +196,8 @@ def build_runner(
         instance = cls(model_dir=model_dir, device=device, **config.kwargs)
         return PythonRunner(instance)
     fetching = time.monotonic()
-    path, name = _weights(config, model_dir)
+    weights = _weights(config, model_dir, device, prefetch)
+    path, name = weights.path, weights.name
     if phases is not None and config.storage_uri and fetch.is_remote(config.storage_uri):
         phases.download += time.monotonic() - fetching
     module: Any
@@ -106,7 +216,11 @@ def build_runner(
         # Built on the meta device and given the loaded tensors: no second copy of the weights.
         with torch.device("meta"):
             module = cls(**config.architecture_kwargs)
-        state = _load_state_dict(path, name, device)
+        if weights.state is not None:
+            state = weights.state
+        else:
+            assert path is not None
+            state = _load_state_dict(path, name, device)
         module.load_state_dict(state, strict=True, assign=True)
         module.eval()
     if config.dtype != "float32" and isinstance(module, torch.nn.Module):
@@ -136,6 +250,7 @@ def load(
     model_dir: Path,
     device_spec: str | None = None,
     phases: LoadPhases | None = None,
+    prefetch: Prefetch | None = None,
 ) -> tuple[Runner, torch.device]:
     """Load one instance (on `device_spec`, default the first configured device) and warm it
     up: one forward on a dummy batch, so the first real request is fast.
@@ -147,7 +262,7 @@ def load(
         device = resolve_device(device_spec or config.devices[0])
         started = time.monotonic()
         measured = LoadPhases()
-        runner = build_runner(config, model_dir, device, measured)
+        runner = build_runner(config, model_dir, device, measured, prefetch)
         loaded = time.monotonic()
         runner.predict(dummy_inputs(config.inputs))
         if isinstance(runner, CudaGraphRunner):

@@ -9,7 +9,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from ember.server.instances import Instance, InstancePool
 from ember.server.metrics import PredictorMetrics
 from ember.server.stats import ModelStats
 from ember.transformers.chain import Chain
+
+if TYPE_CHECKING:
+    from ember.server.prefetch import Prefetch
 
 log = logging.getLogger("ember.server.repository")
 
@@ -113,6 +116,7 @@ class ModelRepository:
         metrics: PredictorMetrics,
         instance_nice: int = 0,
         remote: RemoteModels | None = None,
+        prefetch: Prefetch | None = None,
     ) -> None:
         self._handles = {
             config.name: ModelHandle(config, model_dir) for config, model_dir in models
@@ -120,6 +124,7 @@ class ModelRepository:
         self._metrics = metrics
         self._instance_nice = instance_nice
         self._remote = remote
+        self._prefetch = prefetch
         self._locks = {name: asyncio.Lock() for name in self._handles}
 
     def names(self) -> list[str]:
@@ -166,8 +171,9 @@ class ModelRepository:
                     for device_spec in config.devices:
                         for _ in range(config.instances):
                             runner, device = await asyncio.to_thread(
-                                loading.load, config, handle.model_dir, device_spec, phases
-                            )
+                                loading.load, config, handle.model_dir, device_spec, phases,
+                                self._prefetch,
+                            )  # fmt: skip
                             instances.append(
                                 Instance(
                                     runner, device, len(instances), name,

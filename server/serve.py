@@ -24,6 +24,7 @@ from ember.server.config import ModelConfig, discover, load_model_config
 from ember.server.dataplane import DataPlane
 from ember.server.errors import ConfigError
 from ember.server.metrics import PredictorMetrics
+from ember.server.prefetch import Prefetch
 from ember.server.repository import ModelRepository
 from ember.server.rest.app import build_app
 from ember.server.rest.header_limits import HeadLimits
@@ -99,6 +100,7 @@ async def serve(
     models: list[tuple[ModelConfig, Path]],
     sock: socket.socket,
     process: ProcessPhases | None = None,
+    prefetch: Prefetch | None = None,
 ) -> int:
     metrics = PredictorMetrics()
     remote = None
@@ -107,7 +109,7 @@ async def serve(
 
         remote = RemotePredictor(settings.predictor)
     repository = ModelRepository(
-        models, metrics, instance_nice=settings.instance_nice, remote=remote
+        models, metrics, instance_nice=settings.instance_nice, remote=remote, prefetch=prefetch
     )
     dataplane = DataPlane(repository, metrics)
     app = build_app(dataplane, max_body_bytes=settings.max_body_bytes)
@@ -219,10 +221,11 @@ def _run_one(
     models: list[tuple[ModelConfig, Path]],
     sock: socket.socket,
     process: ProcessPhases | None = None,
+    prefetch: Prefetch | None = None,
 ) -> int:
     loop_factory = uvicorn.Config(app=None, log_config=None).get_loop_factory()  # type: ignore[arg-type]
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(serve(settings, models, sock, process))
+        return runner.run(serve(settings, models, sock, process, prefetch))
 
 
 def _worker(
@@ -273,9 +276,12 @@ def _set_torch_threads(settings: ServeSettings) -> None:
     torch.set_num_threads(max(1, threads))
 
 
-def run(settings: ServeSettings, started: float | None = None) -> int:
+def run(
+    settings: ServeSettings, started: float | None = None, prefetch: Prefetch | None = None
+) -> int:
     """Serve until signalled. `started` is when the process began (monotonic; default now),
-    for the cold-start report."""
+    for the cold-start report; `prefetch`: the downloads the CLI started before importing
+    torch (their handoffs go to the loader; worker processes load from the cache instead)."""
     imported = time.monotonic()
     logs.configure(settings.log_level, settings.log_json)
     _set_torch_threads(settings)
@@ -298,4 +304,4 @@ def run(settings: ServeSettings, started: float | None = None) -> int:
     )
     if settings.workers > 1:
         return _run_workers(settings, models, sock, process)
-    return _run_one(settings, models, sock, process)
+    return _run_one(settings, models, sock, process, prefetch)

@@ -132,6 +132,20 @@ class FetchStats:
 Progress = Callable[[int], None]
 
 
+class _ShiftedSink:
+    """A buffer holding the bytes from `base` on, addressed by offsets in the object."""
+
+    def __init__(self, buffer: bytearray, base: int) -> None:
+        self._view = memoryview(buffer)
+        self._base = base
+
+    def view(self, offset: int, length: int) -> memoryview:
+        return self._view[offset - self._base : offset - self._base + length]
+
+    def write_at(self, offset: int, data: memoryview) -> None:
+        self.view(offset, len(data))[:] = data
+
+
 class Downloader:
     """Owns the range threads; one per process is enough, shared by every object fetched."""
 
@@ -200,6 +214,21 @@ class Downloader:
             raise next((e for e in errors if not isinstance(e, _Stopped)), errors[0])
         stats.seconds = time.monotonic() - started
         return stats
+
+    def read(self, source: RangeSource, byte_range: ByteRange) -> bytearray:
+        """One range of `source` into memory, in the calling thread, with the same retries as
+        a fetch's ranges (a safetensors header before the object's download starts)."""
+        buffer = bytearray(len(byte_range))
+        stats = FetchStats(size=len(byte_range), ranges=1)
+        self._fetch_range(
+            source,
+            _ShiftedSink(buffer, byte_range.start),
+            byte_range,
+            threading.Event(),
+            stats,
+            None,
+        )
+        return buffer
 
     def _buffer(self) -> memoryview:
         buffer: memoryview | None = getattr(self._buffers, "view", None)

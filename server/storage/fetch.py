@@ -9,8 +9,9 @@ from pathlib import Path
 
 from ember.server.storage.cache import NodeCache, cache_dir_from_env
 from ember.server.storage.download import DownloadOptions
-from ember.server.storage.pull import PullResult, pull
+from ember.server.storage.pull import PlaceFactory, PullResult, pull
 from ember.server.storage.settings import S3Settings
+from ember.server.storage.sinks import Placement
 from ember.server.storage.uri import parse_uri
 
 REMOTE_SCHEMES = ("s3://", "http://", "https://")
@@ -20,22 +21,30 @@ def is_remote(uri: str) -> bool:
     return uri.lower().startswith(REMOTE_SCHEMES)
 
 
-def _pull(uri: str) -> tuple[PullResult, Path]:
+def _pull(uri: str, place: PlaceFactory | None = None) -> tuple[PullResult, Path]:
     root = cache_dir_from_env(os.environ)
     result = pull(
-        parse_uri(uri), s3=S3Settings.from_env(), options=DownloadOptions(), cache=NodeCache(root)
+        parse_uri(uri),
+        s3=S3Settings.from_env(),
+        options=DownloadOptions(),
+        cache=NodeCache(root),
+        place=place,
     )
     return result, root
 
 
-def fetch_file(uri: str) -> tuple[Path, str]:
-    """One remote object: its cached file and its own name (the cache's file name is not, and
-    loaders choose by suffix)."""
-    result, _ = _pull(uri)
+def fetch_file(uri: str, place: PlaceFactory | None = None) -> tuple[Path, str, Placement | None]:
+    """One remote object: its cached file, its own name (the cache's file name is not, and
+    loaders choose by suffix) and, when it was downloaded now and `place` took its bytes too,
+    that placement."""
+    result, _ = _pull(uri, place)
     if len(result.files) != 1:
+        for pulled in result.files:
+            if pulled.placement is not None:
+                pulled.placement.abort()
         raise ValueError(f"{uri} names {len(result.files)} objects; storage_uri needs one file")
     pulled = result.files[0]
-    return pulled.path, pulled.relative.name
+    return pulled.path, pulled.relative.name, pulled.placement
 
 
 def fetch_folder(uri: str) -> Path:

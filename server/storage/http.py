@@ -110,6 +110,10 @@ class HttpStore:
         source = _HttpRanges(obj, self.timeout)
         return self._downloader.fetch(source, sink, progress, whole=not obj.ranged)
 
+    def read(self, obj: HttpObject, byte_range: ByteRange) -> bytearray:
+        """One range of `obj` into memory; the server must take ranges (`obj.ranged`)."""
+        return self._downloader.read(_HttpRanges(obj, self.timeout), byte_range)
+
 
 @dataclass(frozen=True, slots=True)
 class _Where:

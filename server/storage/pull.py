@@ -18,17 +18,24 @@ from pathlib import Path, PurePosixPath
 from typing import TextIO
 
 from ember.server.storage.cache import CacheKey, NodeCache, write_file_atomically
-from ember.server.storage.download import DownloadOptions
+from ember.server.storage.download import ByteRange, DownloadOptions
 from ember.server.storage.errors import NoSuchKey, StorageError
 from ember.server.storage.progress import Progress, Reporter
 from ember.server.storage.settings import S3Settings
-from ember.server.storage.sinks import FileSink
+from ember.server.storage.sinks import FileSink, Placement, Sink, TeeSink
 from ember.server.storage.uri import HttpUri, LocalUri, S3Uri, StorageUri
 
 # Files handled at once; their ranges share the one download pool. More than one keeps the pool
 # busy across the small files (configs, tokenizers) beside the large ones.
 FILES_AT_ONCE = 4
 COPY_BLOCK = 8 * 1024 * 1024
+
+# Reads one range of an object into memory (with the download's retries).
+ReadRange = Callable[[ByteRange], bytearray]
+# Asked, for each object about to be downloaded (a cache miss), where else its bytes should go
+# as they arrive: given the object's relative path, size, a way to read a range of it first (a
+# header) and the file being filled; None for nowhere.
+PlaceFactory = Callable[[PurePosixPath, int, ReadRange, FileSink], Placement | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +46,8 @@ class PulledFile:
     size: int
     # False: found in the cache (or already local), no bytes fetched.
     downloaded: bool
+    # Filled as the bytes arrived (a `PlaceFactory` said where); None on a cache hit.
+    placement: Placement | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +67,10 @@ class _Job:
     # The cache key; None when going straight to a folder.
     key: CacheKey | None
     # Fills a sink with the object's bytes, counting them into the progress.
-    fill: Callable[[FileSink, Progress], object]
+    fill: Callable[[Sink, Progress], object]
     reuse: bool = True
+    # One range into memory; None when the server cannot serve ranges.
+    read: ReadRange | None = None
 
 
 def pull(
@@ -71,11 +82,13 @@ def pull(
     dest: Path | None = None,
     stream: TextIO | None = None,
     sleep: Callable[[float], None] | None = None,
+    place: PlaceFactory | None = None,
 ) -> PullResult:
     """Fetch what `uri` names into `dest` (a folder) or, without one, into `cache`.
 
     `stream`: where progress is shown (a bar when it is a terminal, log lines otherwise);
-    `sleep`: the backoff wait, for tests. Raises `StorageError` with one line.
+    `sleep`: the backoff wait, for tests; `place`: where else a downloaded object's bytes go
+    (cache misses of remote objects only). Raises `StorageError` with one line.
     """
     if dest is None and cache is None:
         raise ValueError("pull needs a cache or a destination folder")
@@ -83,9 +96,9 @@ def pull(
     if isinstance(uri, LocalUri):
         files = _local(uri, dest)
     elif isinstance(uri, S3Uri):
-        files = _s3(uri, s3, options, cache, dest, stream, sleep)
+        files = _s3(uri, s3, options, cache, dest, stream, sleep, place)
     else:
-        files = _http(uri, s3, options, cache, dest, stream, sleep)
+        files = _http(uri, s3, options, cache, dest, stream, sleep, place)
     return PullResult(tuple(files), time.monotonic() - started)
 
 
@@ -97,6 +110,7 @@ def _s3(
     dest: Path | None,
     stream: TextIO | None,
     sleep: Callable[[float], None] | None,
+    place: PlaceFactory | None,
 ) -> list[PulledFile]:
     from ember.server.storage.s3 import S3Object, S3Store
 
@@ -104,10 +118,16 @@ def _s3(
 
         def job(relative: PurePosixPath, obj: S3Object) -> _Job:
             key = CacheKey(obj.endpoint, obj.bucket, obj.key, obj.etag, obj.size)
-            return _Job(relative, obj.size, key, lambda sink, p: store.download(obj, sink, p.add))
+            return _Job(
+                relative,
+                obj.size,
+                key,
+                lambda sink, p: store.download(obj, sink, p.add),
+                read=functools.partial(store.read, obj),
+            )
 
         jobs = [job(relative, obj) for relative, obj in store.resolve(uri)]
-        return _run(jobs, cache, dest, stream, store.cancel)
+        return _run(jobs, cache, dest, stream, store.cancel, place)
 
 
 def _http(
@@ -118,6 +138,7 @@ def _http(
     dest: Path | None,
     stream: TextIO | None,
     sleep: Callable[[float], None] | None,
+    place: PlaceFactory | None,
 ) -> list[PulledFile]:
     from ember.server.storage.http import HttpStore
 
@@ -133,9 +154,10 @@ def _http(
                 key,
                 lambda sink, p: store.download(obj, sink, p.add),
                 reuse=obj.version is not None,
+                read=functools.partial(store.read, obj) if obj.ranged else None,
             )
         ]
-        return _run(jobs, cache, dest, stream, store.cancel)
+        return _run(jobs, cache, dest, stream, store.cancel, place)
 
 
 def _run(
@@ -144,12 +166,27 @@ def _run(
     dest: Path | None,
     stream: TextIO | None,
     cancel: Callable[[], None],
+    place: PlaceFactory | None = None,
 ) -> list[PulledFile]:
     progress = Progress(sum(job.size for job in jobs))
 
     def one(job: _Job) -> PulledFile:
+        placed: list[Placement] = []
+
         def fill(sink: FileSink) -> None:
-            job.fill(sink, progress)
+            placement = None
+            if place is not None and job.read is not None:
+                placement = place(job.relative, job.size, job.read, sink)
+            if placement is None:
+                job.fill(sink, progress)
+                return
+            try:
+                job.fill(TeeSink(sink, placement), progress)
+                placement.finish()
+            except BaseException:
+                placement.abort()
+                raise
+            placed.append(placement)
 
         if dest is not None:
             target = dest.joinpath(*job.relative.parts)
@@ -161,7 +198,7 @@ def _run(
         path, hit = cache.fetch(job.key, fill, reuse=job.reuse)
         if hit:
             progress.add(job.size)
-        return PulledFile(job.relative, path, job.size, not hit)
+        return PulledFile(job.relative, path, job.size, not hit, placed[0] if placed else None)
 
     with (
         _reporting(progress, stream),

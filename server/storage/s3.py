@@ -180,6 +180,10 @@ class S3Store:
         """Every byte of `obj` (as its ETag names it) into `sink`."""
         return self._downloader.fetch(_S3Ranges(self._client, obj), sink, progress)
 
+    def read(self, obj: S3Object, byte_range: ByteRange) -> bytearray:
+        """One range of `obj` (as its ETag names it) into memory."""
+        return self._downloader.read(_S3Ranges(self._client, obj), byte_range)
+
     def _retrying(self, attempt: Callable[[], Any], where: _Where) -> Any:
         return with_retries(
             attempt, self.options.retry, where.classify, where.exhausted, sleep=self._sleep

@@ -103,3 +103,24 @@ class MemorySink:
 
     def write_at(self, offset: int, data: memoryview) -> None:
         self._buffer[offset : offset + len(data)] = data
+
+
+class Placement(Sink, Protocol):
+    """Somewhere an object's bytes go besides the cache file while it downloads (tensors on a
+    device): `finish` once every byte was written, `abort` when the download failed."""
+
+    def finish(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class TeeSink:
+    """Every piece to the file first, then to the placement."""
+
+    def __init__(self, file: Sink, placement: Placement) -> None:
+        self.file = file
+        self.placement = placement
+
+    def write_at(self, offset: int, data: memoryview) -> None:
+        self.file.write_at(offset, data)
+        self.placement.write_at(offset, data)

@@ -1,15 +1,19 @@
 """Fuzz target: a safetensors weights file (8-byte little-endian header length, JSON header,
-tensor bytes), read the way models load it.
+tensor bytes), read both ways models load it.
 
-Ember has no safetensors header parser of its own yet (issue 5's streaming loader will have
-one): the target is `loading._load_state_dict`, the one place weights files are opened, which
-hands the file to the safetensors package. A file that does not parse must end in
-safetensors' own SafetensorError; a Rust panic (PanicException, a BaseException that
-`except Exception` does not catch) or any other error escaping is a finding.
+1. Ember's own header parser and placement (`weights/header.py`, `weights/placement.py`: what
+   streams weights onto a device), fed the file in pieces. A file it refuses must end in
+   `HeaderError`; a file it accepts must also be accepted by the safetensors package, with
+   byte-identical tensors (it may refuse more, never less).
+2. `loading._load_state_dict`, which hands the file to the safetensors package. A file that
+   does not parse must end in safetensors' own SafetensorError; a Rust panic (PanicException,
+   a BaseException that `except Exception` does not catch) or any other error escaping is a
+   finding.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import struct
@@ -29,6 +33,8 @@ from safetensors.torch import save
 
 with atheris.instrument_imports(include=["ember"]):
     from ember.server.loading import _load_state_dict
+    from ember.server.weights.header import HeaderError, parse_header
+    from ember.server.weights.placement import TensorPlacement
 
 # Each input is written to a file, as the loader reads files: on tmpfs where there is one.
 _SHM = Path("/dev/shm")
@@ -99,11 +105,35 @@ def _reached(outcome: str) -> None:
     _MARKS[zlib.crc32(outcome.encode()) % len(_MARKS)]()
 
 
+def _placed(file: bytes) -> dict[str, torch.Tensor] | None:
+    """The tensors Ember's placement builds from `file`, given in three pieces; None when its
+    parser refuses the file."""
+    try:
+        header = parse_header(file, len(file))
+    except HeaderError:
+        return None
+    placement = TensorPlacement(header, _CPU)
+    view = memoryview(file)
+    cuts = sorted({0, len(file), len(file) // 3, (2 * len(file)) // 3})
+    for start, end in itertools.pairwise(cuts):
+        placement.write_at(start, view[start:end])
+    placement.finish()
+    return placement.tensors
+
+
+def _bytes(tensor: torch.Tensor) -> bytes:
+    return bytes(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
 def fuzz_one(data: bytes) -> None:
-    _FILE.write_bytes(_file(data))
+    file = _file(data)
+    placed = _placed(file)
+    _FILE.write_bytes(file)
     try:
         state = _load_state_dict(_FILE, "model.safetensors", _CPU)
     except SafetensorError as exc:
+        if placed is not None:
+            raise AssertionError(f"Ember placed a file safetensors refuses: {exc}") from None
         _reached(_VARIABLE.split(str(exc), maxsplit=1)[0])
         return
     finally:
@@ -112,6 +142,12 @@ def fuzz_one(data: bytes) -> None:
     for tensor in state.values():
         # Every tensor must be readable in full: the header's offsets were checked.
         tensor.clone()
+    if placed is not None:
+        assert placed.keys() == state.keys(), (sorted(placed), sorted(state))
+        for name, tensor in state.items():
+            mine = placed[name]
+            assert (mine.dtype, mine.shape) == (tensor.dtype, tensor.shape), name
+            assert _bytes(mine) == _bytes(tensor), name
 
 
 def main() -> None:

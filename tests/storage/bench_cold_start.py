@@ -155,11 +155,14 @@ def serve_until_ready(args: list[str], env: dict[str, str]) -> tuple[float, dict
 
 
 def cold_line(log: str) -> str:
+    """The cold start's phases, and how the weights were placed (EMBER_STREAM_WEIGHTS)."""
+    placed = re.search(r'"weights placed onto ([^"]+)"', log)
+    how = f"; placed onto {placed.group(1)}" if placed else ""
     for line in log.splitlines():
         if '"cold start"' in line and '"big"' in line:
             fields = re.findall(r'"(\w+)_s":([0-9.]+)', line)
-            return ", ".join(f"{k} {float(v):.2f}" for k, v in fields)
-    return "(no cold-start line)"
+            return ", ".join(f"{k} {float(v):.2f}" for k, v in fields) + how
+    return "(no cold-start line)" + how
 
 
 def main() -> int:

@@ -144,16 +144,25 @@ def tiny_on_s3(rclone: Any, root: Path, seed: int) -> tuple[Path, Path]:
     return local, tiny_folder(root / "remote", f"s3://{bucket}/w/tiny.safetensors")
 
 
-def test_weights_from_s3_answer_as_from_disk(rclone: Any, serve: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stream", ["auto", "always"])
+def test_weights_from_s3_answer_as_from_disk(
+    rclone: Any, serve: Any, tmp_path: Path, stream: str
+) -> None:
     local, remote = tiny_on_s3(rclone, tmp_path, seed=3)
-    env = rclone.env(EMBER_CACHE_DIR=str(tmp_path / "cache"))
+    env = rclone.env(EMBER_CACHE_DIR=str(tmp_path / "cache"), EMBER_STREAM_WEIGHTS=stream)
 
     local_url, _ = serve(["--model-repository", str(local.parent)], env)
-    remote_url, _ = serve(["--model-repository", str(remote.parent)], env)
+    remote_url, process = serve(["--model-repository", str(remote.parent)], env)
     assert infer(remote_url, "tiny", BODY) == infer(local_url, "tiny", BODY)
     # The cold start names where its time went: no download from disk, one from S3.
     assert cold_start(local_url, "tiny")["download"] == 0.0
     assert cold_start(remote_url, "tiny")["download"] > 0.0
+    process.terminate()
+    process.wait(15)
+    placed = [line for line in process.stderr.read().splitlines() if "weights placed" in line]
+    # On the CPU, `auto` maps the cached file; `always` places the tensors on the way in
+    # (from the prefetch's download, as it downloaded, or from the cached file: by timing).
+    assert len(placed) == (1 if stream == "always" else 0), placed
 
 
 def test_kserve_storage_uri_prefix_serves_the_folder(

@@ -84,8 +84,14 @@ def test_torch_export(tmp_path: Path) -> None:
     check(folder, reference)
 
 
+@pytest.mark.parametrize("stream", ["auto", "always", "never"])
 @pytest.mark.parametrize("weights", ["model.safetensors", "weights.pt"])
-def test_safetensors_architecture_adopts_weights(tmp_path: Path, weights: str) -> None:
+def test_safetensors_architecture_adopts_weights(
+    tmp_path: Path, weights: str, stream: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `always` places the safetensors file's tensors through Ember's own placement; the others
+    # (and .pt files) load it with the safetensors package or torch.load.
+    monkeypatch.setenv("EMBER_STREAM_WEIGHTS", stream)
     extra = (
         f'storage_uri = "{weights}"\narchitecture = "arch:Tiny"\ndevice = "cpu"\n'
         "[architecture_kwargs]\nwidth = 3"

@@ -64,3 +64,20 @@ def test_deciding_what_to_prefetch_imports_neither_torch_nor_numpy() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)  # fmt: skip
     assert done.stdout.strip() == "[]"
+
+
+def test_headers_are_read_ahead_only_for_weights_that_may_stream(tmp_path: Path) -> None:
+    from ember.server.prefetch import streamed_uris
+
+    repo = repository(tmp_path, a="s3://b/a.safetensors", c="https://host/c.safetensors")
+    toml = repo / "c" / "model.toml"
+    toml.write_text('device = "cpu"\n' + toml.read_text())
+    settings = ServeSettings(model_repository=repo)
+    # `a` runs on device "auto" (CUDA, if there is one), `c` on the CPU.
+    assert streamed_uris(settings, {}) == {"s3://b/a.safetensors"}
+    assert streamed_uris(settings, {"EMBER_STREAM_WEIGHTS": "always"}) == {
+        "s3://b/a.safetensors", "https://host/c.safetensors",
+    }  # fmt: skip
+    assert streamed_uris(settings, {"EMBER_STREAM_WEIGHTS": "never"}) == set()
+    assert streamed_uris(settings, {"EMBER_STREAM_WEIGHTS": "bogus"}) == set()
+    assert streamed_uris(ServeSettings(model_dir="s3://b/isvc/"), {}) == set()
