@@ -30,7 +30,7 @@ from ember.server.storage.download import ByteRange
 from ember.server.storage.errors import StorageError
 from ember.server.storage.pull import ReadRange
 from ember.server.storage.sinks import FileSink
-from ember.server.weights.handoff import Handoff, place_from_fd
+from ember.server.weights.handoff import Handoff
 from ember.server.weights.header import HeaderError, read_header
 from ember.server.weights.mode import stream_mode, streams
 from ember.server.weights.placement import TensorPlacement
@@ -108,7 +108,7 @@ def _place_file(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
             raise LoadError(f"{path}: not a usable safetensors file: {exc}") from None
         placement = TensorPlacement(header, device)
         try:
-            place_from_fd(fd, header.data_start, size, placement)
+            placement.read_file(fd, [(header.data_start, size)])
             placement.finish()
         except BaseException:
             placement.abort()

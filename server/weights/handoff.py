@@ -13,26 +13,27 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Protocol
 
 from ember.server.storage.sinks import FileSink, Placement
 from ember.server.weights.header import Header
 
-# Read-back piece size: the downloader's read size, so a ring slot takes a piece whole.
-REPLAY_PIECE = 1024 * 1024
+
+class Target(Placement, Protocol):
+    """A placement that can also read extents of a file into place (`TensorPlacement`)."""
+
+    def read_file(self, fd: int, extents: list[tuple[int, int]]) -> None: ...
 
 
-def place_from_fd(fd: int, start: int, end: int, target: Placement) -> None:
-    """File bytes [start, end) of `fd` into `target`, one piece at a time."""
-    buffer = bytearray(REPLAY_PIECE)
-    view = memoryview(buffer)
-    offset = start
-    while offset < end:
-        want = min(REPLAY_PIECE, end - offset)
-        got = os.preadv(fd, [view[:want]], offset)
-        if got <= 0:
-            raise OSError(f"the weights file ended at byte {offset}, before {end}")
-        target.write_at(offset, view[:got])
-        offset += got
+def coalesce(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(offset, length) pieces as sorted [start, end) runs, touching pieces joined."""
+    runs: list[tuple[int, int]] = []
+    for offset, length in sorted(extents):
+        if runs and runs[-1][1] == offset:
+            runs[-1] = (runs[-1][0], offset + length)
+        else:
+            runs.append((offset, offset + length))
+    return runs
 
 
 class Handoff:
@@ -45,7 +46,7 @@ class Handoff:
         self._fd = os.open(file.path, os.O_RDONLY | os.O_CLOEXEC)
         self._lock = threading.Lock()
         self._written: list[tuple[int, int]] = []
-        self._target: Placement | None = None
+        self._target: Target | None = None
         self._ended = threading.Event()
         self._failed = False
 
@@ -73,7 +74,7 @@ class Handoff:
                 self._fd = -1
                 self._written = []
 
-    def attach(self, target: Placement, timeout: float | None = None) -> None:
+    def attach(self, target: Target, timeout: float | None = None) -> None:
         """Give `target` every byte written so far and all later ones, and return once the
         download has ended; raises if it failed (then `target` is incomplete)."""
         with self._lock:
@@ -82,8 +83,7 @@ class Handoff:
             self._target = target
             backlog, self._written = self._written, []
         try:
-            for offset, length in backlog:
-                place_from_fd(self._fd, offset, offset + length, target)
+            target.read_file(self._fd, coalesce(backlog))
         finally:
             os.close(self._fd)
             self._fd = -1

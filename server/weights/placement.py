@@ -12,9 +12,12 @@ copy overlap. On the CPU the tensors are host memory already and pieces are copi
 from __future__ import annotations
 
 import bisect
+import functools
+import os
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -26,6 +29,9 @@ from ember.server.weights.header import Header, TensorEntry
 # fill the next ones.
 DEFAULT_SLOTS = 4
 DEFAULT_SLOT_BYTES = 4 * 1024 * 1024
+# Reading a file into place: threads at once, and the most one read asks for on the CPU.
+READ_THREADS = 4
+READ_PIECE = 16 * 1024 * 1024
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
@@ -33,6 +39,8 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "I8": torch.int8,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
     "I16": torch.int16,
     "U16": torch.uint16,
     "F16": torch.float16,
@@ -43,6 +51,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "I64": torch.int64,
     "U64": torch.uint64,
     "F64": torch.float64,
+    "C64": torch.complex64,
 }
 
 
@@ -87,29 +96,44 @@ class StagingRing:
     def host_bytes(self) -> int:
         return len(self._buffers) * self.slot_bytes
 
-    def copy(self, destination: torch.Tensor, data: memoryview) -> None:
-        """Copy `data` (at most `slot_bytes`) into the flat uint8 `destination` of its length.
-        Returns once `data` may be reused; the device copy may still be in flight."""
+    def send(
+        self,
+        length: int,
+        fill: Callable[[np.ndarray], None],
+        targets: list[tuple[torch.Tensor, int]],
+    ) -> None:
+        """Take a slot, let `fill` write `length` (at most `slot_bytes`) bytes into its host
+        memory, then copy the slot's bytes from `at` into each flat uint8 `destination`. Returns
+        once the slot's host memory is filled; the device copies may still be in flight."""
         index = self._free.get()
         try:
             event = self._events[index]
             if event is not None:
                 event.synchronize()
-            n = len(data)
-            self._host[index][:n] = np.frombuffer(data, dtype=np.uint8)
-            staged = self._buffers[index][:n]
+            fill(self._host[index][:length])
+            staged = self._buffers[index]
             if self._stream is None:
-                destination.copy_(staged)
+                for destination, at in targets:
+                    destination.copy_(staged[at : at + destination.numel()])
             else:
                 with torch.cuda.stream(self._stream):
-                    destination.copy_(staged, non_blocking=True)
+                    for destination, at in targets:
+                        destination.copy_(staged[at : at + destination.numel()], non_blocking=True)
                     event = torch.cuda.Event()  # type: ignore[no-untyped-call]
                     event.record(self._stream)
                     self._events[index] = event
             with self._lock:
-                self.copies += 1
+                self.copies += len(targets)
         finally:
             self._free.put(index)
+
+    def copy(self, destination: torch.Tensor, data: memoryview) -> None:
+        """Copy `data` (at most `slot_bytes`) into the flat uint8 `destination` of its length."""
+
+        def fill(host: np.ndarray) -> None:
+            host[:] = np.frombuffer(data, dtype=np.uint8)
+
+        self.send(len(data), fill, [(destination, 0)])
 
     def synchronize(self) -> None:
         """Wait for every copy issued so far."""
@@ -151,18 +175,10 @@ class TensorPlacement:
 
     def write_at(self, offset: int, data: memoryview) -> None:
         data = data.cast("B") if data.format != "B" else data
-        end = offset + len(data)
-        start = max(offset, self.header.data_start)
-        # The last tensor starting at or before `start`, then every one up to `end`.
-        index = max(0, bisect.bisect_right(self._begins, start) - 1)
         placed = 0
-        while index < len(self._entries) and self._entries[index].begin < end:
-            entry = self._entries[index]
-            lo, hi = max(start, entry.begin), min(end, entry.end)
-            if lo < hi:
-                self._place(index, entry, lo, data[lo - offset : hi - offset])
-                placed += hi - lo
-            index += 1
+        for index, lo, hi in self._overlaps(offset, offset + len(data)):
+            self._place(index, self._entries[index], lo, data[lo - offset : hi - offset])
+            placed += hi - lo
         if placed:
             with self._lock:
                 self._placed += placed
@@ -177,6 +193,68 @@ class TensorPlacement:
         for cut in range(0, len(piece), step):
             part = piece[cut : cut + step]
             self._ring.copy(target[into + cut : into + cut + len(part)], part)
+
+    def _overlaps(self, start: int, end: int) -> list[tuple[int, int, int]]:
+        """(tensor index, lo, hi) for every tensor overlapping file bytes [start, end)."""
+        start = max(start, self.header.data_start)
+        index = max(0, bisect.bisect_right(self._begins, start) - 1)
+        found = []
+        while index < len(self._entries) and self._entries[index].begin < end:
+            entry = self._entries[index]
+            lo, hi = max(start, entry.begin), min(end, entry.end)
+            if lo < hi:
+                found.append((index, lo, hi))
+            index += 1
+        return found
+
+    def read_file(
+        self, fd: int, extents: list[tuple[int, int]], threads: int = READ_THREADS
+    ) -> None:
+        """File bytes in `extents` ([start, end) pairs) read from `fd` straight into place: on
+        the CPU into the tensors' own memory, on a device into ring slots that are then copied
+        out, a few reads at once (the page cache serves one thread at memcpy speed, not the
+        copy engine's)."""
+        tasks: list[Callable[[], int]] = []
+        for start, end in extents:
+            if self._ring is None:
+                for index, lo, hi in self._overlaps(start, end):
+                    for cut in range(lo, hi, READ_PIECE):
+                        tasks.append(
+                            functools.partial(
+                                self._read_host, fd, index, cut, min(hi, cut + READ_PIECE)
+                            )
+                        )
+            else:
+                step = self._ring.slot_bytes
+                for cut in range(max(start, self.header.data_start), end, step):
+                    tasks.append(
+                        functools.partial(self._read_staged, fd, cut, min(end, cut + step))
+                    )
+        if not tasks:
+            return
+        with ThreadPoolExecutor(min(threads, len(tasks)), thread_name_prefix="ember-place") as pool:
+            placed = sum(pool.map(lambda task: task(), tasks))
+        with self._lock:
+            self._placed += placed
+
+    def _read_host(self, fd: int, index: int, lo: int, hi: int) -> int:
+        entry = self._entries[index]
+        _read_exactly(fd, self._host_targets[index][lo - entry.begin : hi - entry.begin].data, lo)
+        return hi - lo
+
+    def _read_staged(self, fd: int, start: int, end: int) -> int:
+        assert self._ring is not None
+        overlaps = self._overlaps(start, end)
+        targets = []
+        for index, lo, hi in overlaps:
+            begin = self._entries[index].begin
+            targets.append((self._targets[index][lo - begin : hi - begin], lo - start))
+
+        def fill(host: np.ndarray) -> None:
+            _read_exactly(fd, host.data, start)
+
+        self._ring.send(end - start, fill, targets)
+        return sum(hi - lo for _, lo, hi in overlaps)
 
     def finish(self) -> None:
         """Wait for the copies in flight; every tensor byte must have arrived."""
@@ -195,4 +273,10 @@ class TensorPlacement:
         self._host_targets.clear()
 
 
-PlacementFactory = Callable[[Header], TensorPlacement]
+def _read_exactly(fd: int, into: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(into):
+        got = os.preadv(fd, [into[done:]], offset + done)
+        if got <= 0:
+            raise OSError(f"the weights file ended at byte {offset + done}")
+        done += got

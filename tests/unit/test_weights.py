@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save, save_file
 from ember.server import loading
 from ember.server.imports import LoadError
 from ember.server.storage.sinks import FileSink
-from ember.server.weights.handoff import Handoff, place_from_fd
+from ember.server.weights.handoff import Handoff, coalesce
 from ember.server.weights.header import (
     FIRST_READ,
     MAX_HEADER_BYTES,
@@ -45,6 +45,10 @@ def sample_state() -> dict[str, torch.Tensor]:
         "mask": torch.rand(9) > 0.5,
         "bytes": torch.randint(0, 255, (13,), dtype=torch.uint8),
         "small": torch.randint(-9, 9, (6,), dtype=torch.int16),
+        "wave": torch.randn(4, dtype=torch.complex64),
+        "fp8": torch.randn(8).to(torch.float8_e4m3fn),
+        "fp8_fnuz": torch.randn(8).to(torch.float8_e5m2fnuz),
+        "wide": torch.arange(5, dtype=torch.int32).to(torch.uint32),
     }
 
 
@@ -130,7 +134,7 @@ def test_bad_headers_are_refused_with_the_reason(file: bytes, message: str) -> N
 
 
 def test_an_unknown_dtype_names_the_supported_ones() -> None:
-    file = raw_file(one(dtype="C64"), b"\0" * 8)
+    file = raw_file(one(dtype="C128"), b"\0" * 8)
     with pytest.raises(HeaderError, match="BF16"):
         parse_header(file, len(file))
 
@@ -290,13 +294,36 @@ def test_a_handoff_is_attached_once_and_not_after_release(tmp_path: Path) -> Non
         handoff.attach(TensorPlacement(header, CPU))
 
 
-def test_place_from_fd_refuses_a_file_shorter_than_asked(tmp_path: Path) -> None:
+def test_reading_a_file_shorter_than_its_header_says_fails(tmp_path: Path) -> None:
+    data = save(sample_state())
     path = tmp_path / "short"
-    path.write_bytes(b"abc")
-    data = save({"x": torch.zeros(1)})
-    placement = TensorPlacement(parse_header(data, len(data)), CPU)
-    with path.open("rb") as file, pytest.raises(OSError, match="ended"):
-        place_from_fd(file.fileno(), 0, 10, placement)
+    path.write_bytes(data[:-100])
+    for ring in (None, StagingRing(CPU, slots=2, slot_bytes=4096)):
+        placement = TensorPlacement(parse_header(data, len(data)), CPU, ring)
+        with path.open("rb") as file, pytest.raises(OSError, match="ended at byte"):
+            placement.read_file(file.fileno(), [(0, len(data))])
+
+
+@pytest.mark.parametrize("ring_slots", [None, 2])
+def test_extents_of_a_file_read_into_place(tmp_path: Path, ring_slots: int | None) -> None:
+    state = sample_state()
+    data = save(state)
+    path = tmp_path / "w.safetensors"
+    path.write_bytes(data)
+    ring = None if ring_slots is None else StagingRing(CPU, slots=ring_slots, slot_bytes=4096)
+    placement = TensorPlacement(parse_header(data, len(data)), CPU, ring)
+    # Two runs with a piece between them written the other way, as a handoff does.
+    third = len(data) // 3
+    placement.write_at(third, memoryview(data)[third : 2 * third])
+    with path.open("rb") as file:
+        placement.read_file(file.fileno(), [(0, third), (2 * third, len(data))], threads=3)
+    placement.finish()
+    assert_same(placement.tensors, state)
+
+
+def test_coalesce_joins_touching_pieces_in_order() -> None:
+    assert coalesce([(10, 5), (0, 10), (20, 1), (15, 2)]) == [(0, 17), (20, 21)]
+    assert coalesce([]) == []
 
 
 # --- the loader -----------------------------------------------------------------------------
@@ -321,3 +348,11 @@ def test_a_damaged_local_file_is_one_line_naming_it(tmp_path: Path) -> None:
     path.write_bytes(raw_file(one(), b"\0" * 3))
     with pytest.raises(LoadError, match=r"w\.safetensors: not a usable safetensors file"):
         loading._place_file(path, CPU)
+
+
+def test_every_dtype_the_parser_knows_is_one_torch_places() -> None:
+    from ember.server.weights.header import ITEMSIZE
+    from ember.server.weights.placement import TORCH_DTYPES
+
+    assert ITEMSIZE.keys() == TORCH_DTYPES.keys()
+    assert all(TORCH_DTYPES[name].itemsize == size for name, size in ITEMSIZE.items())
