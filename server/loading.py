@@ -64,6 +64,12 @@ class Weights:
     state: dict[str, torch.Tensor] | None = None
 
 
+def _not_streamed(where: object, exc: HeaderError) -> None:
+    # A dtype this parser does not know (the safetensors package knows more), or a damaged
+    # file: the package loads the file instead, or reports what is wrong with it.
+    log.info(f"{where}: weights loaded by the safetensors package, not streamed: {exc}")
+
+
 def _placer(device: torch.device, uri: str) -> Any:
     """A storage `PlaceFactory`: safetensors objects go onto `device` as they download."""
 
@@ -75,7 +81,8 @@ def _placer(device: torch.device, uri: str) -> Any:
         try:
             header = read_header(size, lambda start, end: read(ByteRange(start, end)))
         except HeaderError as exc:
-            raise LoadError(f"{uri}: not a usable safetensors file: {exc}") from None
+            _not_streamed(uri, exc)
+            return None
         return TensorPlacement(header, device)
 
     return place
@@ -84,28 +91,34 @@ def _placer(device: torch.device, uri: str) -> Any:
 def _from_handoff(
     handoff: Handoff, device: torch.device, uri: str
 ) -> dict[str, torch.Tensor] | None:
-    placement = TensorPlacement(handoff.header, device)
+    placement: TensorPlacement | None = None
     try:
+        placement = TensorPlacement(handoff.header, device)
         handoff.attach(placement)
         placement.finish()
     except Exception as exc:
-        placement.abort()
+        if placement is None:
+            handoff.release()
+        else:
+            placement.abort()
         # The prefetch's download failed: the loader fetches again and reports that error.
         log.info("prefetched download of %s not used: %s", uri, exc)
         return None
     return placement.tensors
 
 
-def _place_file(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+def _place_file(path: Path, device: torch.device) -> dict[str, torch.Tensor] | None:
     """A local safetensors file onto `device` through the same placement (the staging ring on
-    CUDA), read in pieces: host memory stays the ring's, not the model's."""
+    CUDA), read in pieces: host memory stays the ring's, not the model's. None when the header
+    is not one this parser takes."""
     with path.open("rb") as file:
         fd = file.fileno()
         size = os.fstat(fd).st_size
         try:
             header = read_header(size, lambda start, end: os.pread(fd, end - start, start))
         except HeaderError as exc:
-            raise LoadError(f"{path}: not a usable safetensors file: {exc}") from None
+            _not_streamed(path, exc)
+            return None
         placement = TensorPlacement(header, device)
         try:
             placement.read_file(fd, [(header.data_start, size)])
@@ -151,8 +164,9 @@ def _weights(
         path, name = local, local.name
     if streaming and name.endswith(".safetensors"):
         state = _place_file(path, device)
-        _placed(config, device, "from the cached file" if uri else "from the file")
-        return Weights(path, name, state)
+        if state is not None:
+            _placed(config, device, "from the cached file" if uri else "from the file")
+            return Weights(path, name, state)
     return Weights(path, name)
 
 

@@ -81,6 +81,7 @@ class Prefetch:
         # None: every safetensors object gets a handoff.
         self._streamed = streamed
         self._handoffs: dict[str, Handoff] = {}
+        self._claimed: set[str] = set()
         self._lock = threading.Lock()
         self.thread = threading.Thread(target=self._pull_all, name="ember-prefetch", daemon=True)
 
@@ -88,6 +89,9 @@ class Prefetch:
         """The handoff of `uri`'s download, once (None: no download of it started here, or it
         is not safetensors). Whoever claims it must attach or release it."""
         with self._lock:
+            # A download that has not reached its header yet gets no handoff any more: the
+            # loader is already fetching (and waits at the cache's lock).
+            self._claimed.add(uri)
             return self._handoffs.pop(uri, None)
 
     def _pull_all(self) -> None:
@@ -109,8 +113,10 @@ class Prefetch:
             header = read_header(size, lambda start, end: read(ByteRange(start, end)))
         except HeaderError:
             return None  # the loader reports it when it opens the file
-        handoff = Handoff(header, file)
         with self._lock:
+            if uri in self._claimed:
+                return None
+            handoff = Handoff(header, file)
             self._handoffs[uri] = handoff
         return handoff
 

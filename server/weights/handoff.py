@@ -36,6 +36,22 @@ def coalesce(extents: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return runs
 
 
+class _Dropped:
+    """Where pieces go once a handoff's target gave up: nowhere (the file still gets them)."""
+
+    def write_at(self, offset: int, data: memoryview) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def read_file(self, fd: int, extents: list[tuple[int, int]]) -> None:
+        pass
+
+
 class Handoff:
     """The storage-side `Placement` of one object downloading with nobody to take it yet."""
 
@@ -45,8 +61,12 @@ class Handoff:
         # it ends, and an open descriptor outlives both.
         self._fd = os.open(file.path, os.O_RDONLY | os.O_CLOEXEC)
         self._lock = threading.Lock()
+        # Signalled when the last piece being handed to the target has been.
+        self._idle = threading.Condition(self._lock)
+        self._handing = 0
         self._written: list[tuple[int, int]] = []
         self._target: Target | None = None
+        self._released = False
         self._ended = threading.Event()
         self._failed = False
 
@@ -55,9 +75,17 @@ class Handoff:
         with self._lock:
             target = self._target
             if target is None:
-                self._written.append((offset, len(data)))
+                if not self._released:
+                    self._written.append((offset, len(data)))
                 return
-        target.write_at(offset, data)
+            self._handing += 1
+        try:
+            target.write_at(offset, data)
+        finally:
+            with self._lock:
+                self._handing -= 1
+                if not self._handing:
+                    self._idle.notify_all()
 
     def finish(self) -> None:
         self._ended.set()
@@ -69,25 +97,36 @@ class Handoff:
     def release(self) -> None:
         """Nobody will attach (the model loads from the cache file instead)."""
         with self._lock:
-            if self._target is None and self._fd >= 0:
+            if self._target is None and not self._released:
+                self._released = True
                 os.close(self._fd)
-                self._fd = -1
                 self._written = []
 
     def attach(self, target: Target, timeout: float | None = None) -> None:
         """Give `target` every byte written so far and all later ones, and return once the
-        download has ended; raises if it failed (then `target` is incomplete)."""
+        download has ended; raises if it failed or took longer than `timeout` (then `target`
+        is incomplete, and no download thread touches it any more)."""
         with self._lock:
-            if self._target is not None or self._fd < 0:
+            if self._target is not None or self._released:
                 raise RuntimeError("a handoff is attached once, and not after its release")
             self._target = target
             backlog, self._written = self._written, []
         try:
-            target.read_file(self._fd, coalesce(backlog))
-        finally:
-            os.close(self._fd)
-            self._fd = -1
-        if not self._ended.wait(timeout):
-            raise TimeoutError("the download did not end in time")
-        if self._failed:
-            raise OSError("the download failed")
+            try:
+                target.read_file(self._fd, coalesce(backlog))
+            finally:
+                os.close(self._fd)
+            if not self._ended.wait(timeout):
+                raise TimeoutError("the download did not end in time")
+            if self._failed:
+                raise OSError("the download failed")
+        except BaseException:
+            self._detach()
+            raise
+
+    def _detach(self) -> None:
+        # The download may still be running: its later pieces go nowhere, and the caller may
+        # free the target only once no piece is on its way into it.
+        with self._lock:
+            self._target = _Dropped()
+            self._idle.wait_for(lambda: self._handing == 0)

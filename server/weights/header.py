@@ -24,6 +24,7 @@ MAX_HEADER_BYTES = 100_000_000
 # Enough for the whole header of nearly every file, so one small read usually suffices.
 FIRST_READ = 64 * 1024
 _MAX_RANK = 64
+_MAX_DIM = 2**63 - 1
 
 # Element sizes in bytes, by safetensors dtype name.
 ITEMSIZE = {
@@ -159,9 +160,15 @@ def _entry(name: str, value: object, data_start: int) -> TensorEntry:
     if (
         not isinstance(shape, list)
         or len(shape) > _MAX_RANK
-        or not all(type(d) is int and d >= 0 for d in shape)
+        or not all(type(d) is int and 0 <= d <= _MAX_DIM for d in shape)
+        # A zero dimension makes the size 0 whatever the others are; torch still needs the
+        # others' product to fit in an int64 to build the tensor.
+        or math.prod(d for d in shape if d) > _MAX_DIM
     ):
-        raise HeaderError(f"tensor '{name}': shape must be a list of non-negative integers")
+        raise HeaderError(
+            f"tensor '{name}': shape must be a list of non-negative integers "
+            "whose product fits in 64 bits"
+        )
     offsets = value.get("data_offsets")
     if (
         not isinstance(offsets, list)
@@ -186,6 +193,8 @@ def _entry(name: str, value: object, data_start: int) -> TensorEntry:
 def read_header(size: int, read: Callable[[int, int], bytes | bytearray]) -> Header:
     """The header of a `size`-byte file, through `read(start, end)`: one read of the first
     `FIRST_READ` bytes, and a second only when the header is longer."""
+    if size < 8:
+        raise HeaderError(f"{size} bytes is too short for a safetensors file")
     head = bytearray(read(0, min(size, FIRST_READ)))
     length = header_length(head, size)
     if len(head) < 8 + length:

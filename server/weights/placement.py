@@ -117,11 +117,16 @@ class StagingRing:
                     destination.copy_(staged[at : at + destination.numel()])
             else:
                 with torch.cuda.stream(self._stream):
-                    for destination, at in targets:
-                        destination.copy_(staged[at : at + destination.numel()], non_blocking=True)
-                    event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-                    event.record(self._stream)
-                    self._events[index] = event
+                    try:
+                        for destination, at in targets:
+                            piece = staged[at : at + destination.numel()]
+                            destination.copy_(piece, non_blocking=True)
+                    finally:
+                        # Even when a copy failed: those queued before it still read the
+                        # slot. Blocking: a waiting thread sleeps instead of spinning.
+                        event = torch.cuda.Event(blocking=True)  # type: ignore[no-untyped-call]
+                        event.record(self._stream)
+                        self._events[index] = event
             with self._lock:
                 self.copies += len(targets)
         finally:
@@ -134,6 +139,13 @@ class StagingRing:
             host[:] = np.frombuffer(data, dtype=np.uint8)
 
         self.send(len(data), fill, [(destination, 0)])
+
+    def follow_current(self) -> None:
+        """Order the ring's copies after the work already queued on the calling thread's
+        stream: the tensors they fill were allocated there, and the caching allocator may have
+        handed out memory whose last kernels on that stream have not run yet."""
+        if self._stream is not None:
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
 
     def synchronize(self) -> None:
         """Wait for every copy issued so far."""
@@ -166,7 +178,10 @@ class TensorPlacement:
             self._targets.append(target)
             if device.type == "cpu":
                 self._host_targets.append(target.numpy())
+        if self._ring is not None:
+            self._ring.follow_current()
         self._placed = 0
+        self._aborted = False
         self._lock = threading.Lock()
 
     @property
@@ -174,6 +189,8 @@ class TensorPlacement:
         return self._placed
 
     def write_at(self, offset: int, data: memoryview) -> None:
+        if self._aborted:
+            return
         data = data.cast("B") if data.format != "B" else data
         placed = 0
         for index, lo, hi in self._overlaps(offset, offset + len(data)):
@@ -232,8 +249,13 @@ class TensorPlacement:
                     )
         if not tasks:
             return
-        with ThreadPoolExecutor(min(threads, len(tasks)), thread_name_prefix="ember-place") as pool:
+        pool = ThreadPoolExecutor(min(threads, len(tasks)), thread_name_prefix="ember-place")
+        try:
             placed = sum(pool.map(lambda task: task(), tasks))
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # not the reads still queued
+            raise
+        pool.shutdown(wait=True)
         with self._lock:
             self._placed += placed
 
@@ -266,6 +288,7 @@ class TensorPlacement:
 
     def abort(self) -> None:
         """The download failed: let copies drain and give the device memory back."""
+        self._aborted = True
         if self._ring is not None:
             self._ring.synchronize()
         self.tensors.clear()

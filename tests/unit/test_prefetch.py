@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ember.server.prefetch import remote_objects
 from ember.server.settings import ServeSettings
@@ -81,3 +81,27 @@ def test_headers_are_read_ahead_only_for_weights_that_may_stream(tmp_path: Path)
     assert streamed_uris(settings, {"EMBER_STREAM_WEIGHTS": "never"}) == set()
     assert streamed_uris(settings, {"EMBER_STREAM_WEIGHTS": "bogus"}) == set()
     assert streamed_uris(ServeSettings(model_dir="s3://b/isvc/"), {}) == set()
+
+
+def test_a_uri_claimed_before_its_header_arrived_gets_no_handoff(tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save
+
+    from ember.server.prefetch import Prefetch
+    from ember.server.storage.sinks import FileSink
+
+    data = save({"w": torch.zeros(4)})
+    prefetch = Prefetch([("file", "s3://b/w.safetensors")])
+    with FileSink.create(tmp_path / "partial", len(data)) as sink:
+
+        def read(byte_range: object) -> bytes:
+            return data[byte_range.start : byte_range.end]  # type: ignore[attr-defined]
+
+        args = (PurePosixPath("w.safetensors"), len(data), read, sink)
+        # The loader came first: it fetches itself, and no handoff is left behind.
+        assert prefetch.claim("s3://b/w.safetensors") is None
+        assert prefetch._handoff("s3://b/w.safetensors", *args) is None
+        # Another object, not claimed yet: its handoff waits for the loader.
+        handoff = prefetch._handoff("s3://b/v.safetensors", *args)
+        assert handoff is not None and prefetch.claim("s3://b/v.safetensors") is handoff
+        handoff.release()

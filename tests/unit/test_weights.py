@@ -109,6 +109,8 @@ def one(dtype: str = "F32", shape: Any = (2,), offsets: Any = (0, 8), **extra: A
         (raw_file(one(shape=[2.0]), b"\0" * 8), "tensor 't': shape must be"),
         (raw_file(one(shape=[True]), b"\0" * 8), "tensor 't': shape must be"),
         (raw_file(one(shape=[1] * 65), b"\0" * 8), "tensor 't': shape must be"),
+        (raw_file(one(shape=[0, 2**64 - 1], offsets=[0, 0])), "fits in 64 bits"),
+        (raw_file(one(shape=[2**40, 2**40, 0], offsets=[0, 0])), "fits in 64 bits"),
         (raw_file(one(offsets=[0]), b"\0" * 8), "data_offsets must be"),
         (raw_file(b'{"t":{"dtype":"U8","shape":[2],"data_offsets":[-0,2]}}', b"\0\0"), "-0"),
         (raw_file(one(offsets=[8, 0]), b"\0" * 8), "data_offsets must be"),
@@ -143,6 +145,14 @@ def test_a_header_cut_short_is_refused() -> None:
     data = save(sample_state())
     with pytest.raises(HeaderError, match="need"):
         parse_header(data[:20], len(data))
+
+
+def test_read_header_asks_for_nothing_from_a_file_too_short() -> None:
+    def read(start: int, end: int) -> bytes:
+        raise AssertionError("no read for an empty object")
+
+    with pytest.raises(HeaderError, match="too short"):
+        read_header(0, read)
 
 
 def test_read_header_reads_twice_only_for_a_long_header() -> None:
@@ -273,6 +283,30 @@ def test_a_handoff_gives_the_bytes_written_before_and_after_attaching(tmp_path: 
     assert_same(placement.tensors, state)
 
 
+def test_a_target_that_fails_is_detached_while_the_download_goes_on(tmp_path: Path) -> None:
+    data = save(sample_state())
+    header = parse_header(data, len(data))
+    sink = file_sink(tmp_path, len(data))
+    handoff = Handoff(header, sink)
+    half = len(data) // 2
+    sink.write_at(0, memoryview(data)[:half])
+    handoff.write_at(0, memoryview(data)[:half])
+
+    class Failing(TensorPlacement):
+        def read_file(self, fd: int, extents: list[tuple[int, int]]) -> None:
+            raise OSError("disk gone")
+
+        def write_at(self, offset: int, piece: memoryview) -> None:
+            raise AssertionError("a detached target was written to")
+
+    with pytest.raises(OSError, match="disk gone"):
+        handoff.attach(Failing(header, CPU), timeout=5)
+    # The download carries on into the file; the failed target never sees it.
+    sink.write_at(half, memoryview(data)[half:])
+    handoff.write_at(half, memoryview(data)[half:])
+    handoff.finish()
+
+
 def test_a_failed_download_fails_the_attach(tmp_path: Path) -> None:
     data = save(sample_state())
     header = parse_header(data, len(data))
@@ -343,11 +377,14 @@ def test_a_local_file_placed_equals_the_safetensors_package(tmp_path: Path) -> N
     assert_same(loading._place_file(path, CPU), load_file(str(path)))
 
 
-def test_a_damaged_local_file_is_one_line_naming_it(tmp_path: Path) -> None:
+def test_a_file_the_parser_refuses_is_left_to_the_safetensors_package(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "w.safetensors"
-    path.write_bytes(raw_file(one(), b"\0" * 3))
-    with pytest.raises(LoadError, match=r"w\.safetensors: not a usable safetensors file"):
-        loading._place_file(path, CPU)
+    path.write_bytes(raw_file(one(dtype="F8_E8M0", shape=[8]), b"\0" * 8))
+    with caplog.at_level("INFO", logger="ember.server.loading"):
+        assert loading._place_file(path, CPU) is None
+    assert "w.safetensors: weights loaded by the safetensors package, not streamed" in caplog.text
 
 
 def test_every_dtype_the_parser_knows_is_one_torch_places() -> None:
