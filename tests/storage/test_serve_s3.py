@@ -343,3 +343,43 @@ def test_credentials_never_reach_logs_errors_or_metrics(
     for where, text in seen.items():
         for secret in (LEAK_SECRET, LEAK_SECRET[16:], LEAK_TOKEN, LEAK_KEY_ID):
             assert secret not in text, f"{secret[:12]}... in {where}"
+
+
+def test_the_loader_takes_over_a_download_the_prefetch_started(
+    rclone: Any, proxy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In process: the prefetch's download is held at the proxy while the loader claims its
+    # handoff, takes what reached the cache file and the rest as it arrives.
+    from safetensors.torch import load_file
+
+    from ember.server import loading
+    from ember.server.config import load_model_config
+    from ember.server.prefetch import Prefetch
+
+    local, remote = tiny_on_s3(rclone, tmp_path, seed=7)
+    want = load_file(str(local / "weights.safetensors"))
+    front = proxy(rclone, delay=1.0)
+    for name, value in rclone.env(front.endpoint).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("EMBER_STREAM_WEIGHTS", "always")
+    config = load_model_config(remote)
+    assert config.storage_uri is not None
+    prefetch = Prefetch([("file", config.storage_uri)])
+    prefetch.thread.start()
+    deadline = time.monotonic() + 20
+    while len(front.gets()) < 2:  # the header's GET, then the data's
+        assert time.monotonic() < deadline, front.seen
+        time.sleep(0.01)
+    cpu = torch.device("cpu")
+    placed = loading._weights(config, remote, cpu, prefetch)
+    assert placed.state is not None and placed.state.keys() == want.keys()
+    assert all(torch.equal(placed.state[k], v) for k, v in want.items())
+    prefetch.thread.join(20)
+    # One download in all: the loader asked S3 for nothing itself.
+    assert len(front.gets()) == 2 and [s.method for s in front.seen].count("HEAD") == 1
+    # The prefetch still published the file: a second instance places it from the cache.
+    again = loading._weights(config, remote, cpu, prefetch)
+    assert again.state is not None and again.path is not None
+    assert all(torch.equal(again.state[k], v) for k, v in want.items())
+    assert len(front.gets()) == 2

@@ -1,22 +1,18 @@
 """Safetensors weights placed into their tensors while they download from a real S3 server:
-through faults, beside the node cache, and handed over from a download started before the
-loader could take its bytes."""
+through faults and beside the node cache (the handoff from the prefetch: test_serve_s3.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 from ember.server import loading
-from ember.server.config import load_model_config
-from ember.server.prefetch import Prefetch
 from ember.server.storage.cache import NodeCache
 from ember.server.storage.download import DownloadOptions, plan_ranges
 from ember.server.storage.pull import pull
@@ -122,60 +118,3 @@ def test_an_object_the_parser_refuses_downloads_without_a_placement(
                   cache=NodeCache(tmp_path / "cache"), place=loading._placer(CPU, uri))  # fmt: skip
     (pulled,) = result.files
     assert pulled.placement is None and pulled.path.read_bytes() == data
-
-
-TOML = """
-name = "tiny"
-format = "safetensors"
-architecture = "arch:Tiny"
-storage_uri = "{uri}"
-device = "cpu"
-
-[[inputs]]
-name = "x"
-datatype = "FP32"
-shape = [-1, 4]
-
-[[outputs]]
-name = "y"
-datatype = "FP32"
-shape = [-1, 3]
-"""
-
-
-def test_the_loader_takes_over_a_download_the_prefetch_started(
-    rclone: Any, proxy: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    state, data = weights(seed=3)
-    bucket = rclone.new_bucket()
-    rclone.put(bucket, "w.safetensors", data)
-    # Every GET is held: the data GET is still in flight when the loader claims the handoff.
-    front = proxy(rclone, delay=1.0)
-    uri = f"s3://{bucket}/w.safetensors"
-    for name, value in rclone.env(front.endpoint).items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("EMBER_STREAM_WEIGHTS", "always")
-    folder = tmp_path / "tiny"
-    folder.mkdir()
-    (folder / "model.toml").write_text(TOML.format(uri=uri))
-    config = load_model_config(folder)
-
-    prefetch = Prefetch([("file", uri)])
-    prefetch.thread.start()
-    deadline = time.monotonic() + 20
-    while len(front.gets()) < 2:  # the header's GET, then the data's
-        assert time.monotonic() < deadline, front.seen
-        time.sleep(0.01)
-    placed = loading._weights(config, folder, CPU, prefetch)
-    assert placed.state is not None
-    assert_same(placed.state, state)
-    prefetch.thread.join(20)
-    # One download in all: the loader asked S3 for nothing itself.
-    assert len(front.gets()) == 2 and [s.method for s in front.seen].count("HEAD") == 1
-    # The prefetch still published the file; a second instance finds it.
-    assert prefetch.claim(uri) is None
-    again = loading._weights(config, folder, CPU, prefetch)
-    assert again.state is not None and again.path is not None
-    assert_same(again.state, state)
-    assert_same(load_file(str(again.path)), state)
