@@ -8,12 +8,13 @@ from typing import Any
 import pytest
 
 
-def _nice_values(pid: int) -> list[int]:
-    values = []
+def _nice_values(pid: int) -> dict[int, int]:
+    """Each thread's nice value, by thread id."""
+    values = {}
     for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
         # Field 19 is the nice value; the command name before it may hold spaces.
         fields = stat.read_text().rsplit(")", 1)[1].split()
-        values.append(int(fields[16]))
+        values[int(stat.parent.name)] = int(fields[16])
     return values
 
 
@@ -26,11 +27,11 @@ def test_instance_threads_are_niced_and_the_loop_is_not(
     server = ember(*args, *(["--instance-nice", flag] if flag else []))
     server.assert_serves("mlp")
     values = _nice_values(server.pid)
-    assert values.count(0) >= 1, values  # the event loop and the rest
-    if expected:
-        assert values.count(expected) == 1, values  # mlp's one instance
-    else:
-        assert set(values) == {0}, values
+    assert values[server.pid] == 0, values  # the event loop's thread (the main thread)
+    # mlp's one instance thread; the OpenMP workers it starts for its forwards (how many
+    # depends on the CPU's math library) inherit its value, and nothing else is niced.
+    assert expected in values.values(), values
+    assert set(values.values()) <= {0, expected}, values
 
 
 @pytest.mark.parametrize("value", ["-1", "20", "high"])
