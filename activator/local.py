@@ -272,6 +272,16 @@ def last_error(log_path: Path) -> str:
     return chosen[:500] or "(empty log)"
 
 
+def failure_reason(log_path: Path, exit_code: int | None) -> str:
+    """Why a replica did not start: its log's telling line, or, when it left none (killed by
+    a signal, a crash in the interpreter), how it exited."""
+    reason = last_error(log_path)
+    if reason == "(empty log)" and exit_code is not None:
+        how = f"signal {-exit_code}" if exit_code < 0 else f"status {exit_code}"
+        return f"exited with {how} before writing its log"
+    return reason
+
+
 class LocalBackend:
     def __init__(
         self,
@@ -613,8 +623,8 @@ class LocalBackend:
         failures = self._failures[model] = self._failures[model] + 1
         delay = min(30.0, 0.5 * 2 ** (failures - 1))
         self._retry_at[model] = self.clock() + delay
-        reason = last_error(proc.log_path)
         code = proc.proc.returncode if proc.proc is not None else None
+        reason = failure_reason(proc.log_path, code)
         log.error(
             "replica failed to start",
             extra={

@@ -344,7 +344,11 @@ def test_tritonclient_http_and_grpc_through_the_activator(
     assert grpc_client.is_server_live() and grpc_client.is_model_ready("echo")
     grpc_input = grpcclient.InferInput("x", [5], "FP32")
     grpc_input.set_data_from_numpy(data)
-    result = grpc_client.infer("echo", [grpc_input], client_timeout=60)
+    try:
+        result = grpc_client.infer("echo", [grpc_input], client_timeout=60)
+    except InferenceServerException as exc:
+        # Seen once in CI: the first replica "failed to start" with an empty log.
+        pytest.fail(f"{exc}\nactivator log:\n{act.log()}")
     np.testing.assert_array_equal(result.as_numpy("y"), data)
     assert grpc_client.get_model_metadata("echo").name == "echo"
     with pytest.raises(InferenceServerException, match="nope"):

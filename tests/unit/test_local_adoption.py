@@ -304,3 +304,15 @@ def test_a_reused_run_dir_gets_new_log_names(tmp_path: Path) -> None:
     (tmp_path / "run" / "m-2.log").write_text("")
     assert chosen._log_path("m") == tmp_path / "run" / "m-3.log"
     assert chosen._log_path("other") == tmp_path / "run" / "other-4.log"
+
+
+def test_a_replica_that_left_no_log_is_described_by_how_it_exited(tmp_path: Path) -> None:
+    from ember.activator.local import failure_reason
+
+    log = tmp_path / "echo-1.log"
+    log.write_text("")
+    assert failure_reason(log, -9) == "exited with signal 9 before writing its log"
+    assert failure_reason(log, 3) == "exited with status 3 before writing its log"
+    assert failure_reason(log, None) == "(empty log)"
+    log.write_text('{"level":"error","message":"cannot load","error":"bad weights"}\n')
+    assert failure_reason(log, 2) == "cannot load: bad weights"
