@@ -173,6 +173,8 @@ def test_gpu_check_runs_on_the_cpu(tmp_path: Path) -> None:
     assert all(r["graphs_rows_per_s"] is None for r in doc["throughput"])
     assert all(r["batching_rows_per_s"] > 0 for r in doc["throughput"])
     # The weights step: both loaders, the same tensors, 64 MiB (4 FP16 4096x4096 tensors).
-    assert [w["loader"] for w in doc["weights"]] == ["ember placement", "safetensors"]
+    assert [w["loader"] for w in doc["weights"]] == [
+        "ember placement", "safetensors", "ember pieces",
+    ]  # fmt: skip
     assert all(w["identical"] and w["size_bytes"] >= 64 << 20 for w in doc["weights"])
     assert "weights: 64 MiB of safetensors onto cpu" in done.stdout
