@@ -253,7 +253,8 @@ def _in_child(cpus: tuple[int, ...], die_with_parent: bool) -> Callable[[], None
 
 
 def last_error(log_path: Path) -> str:
-    """The most telling line of a replica's log: its last error, else its last line."""
+    """The most telling line of a replica's log: its last error, else its last line ("" for
+    an empty log)."""
     try:
         lines = log_path.read_text(errors="replace").splitlines()[-50:]
     except OSError:
@@ -269,17 +270,18 @@ def last_error(log_path: Path) -> str:
         if isinstance(doc, dict) and doc.get("level") in ("error", "critical"):
             extra = doc.get("error")
             chosen = f"{doc.get('message')}: {extra}" if extra else str(doc.get("message"))
-    return chosen[:500] or "(empty log)"
+    return chosen[:500]
 
 
 def failure_reason(log_path: Path, exit_code: int | None) -> str:
     """Why a replica did not start: its log's telling line, or, when it left none (killed by
     a signal, a crash in the interpreter), how it exited."""
-    reason = last_error(log_path)
-    if reason == "(empty log)" and exit_code is not None:
-        how = f"signal {-exit_code}" if exit_code < 0 else f"status {exit_code}"
-        return f"exited with {how} before writing its log"
-    return reason
+    if reason := last_error(log_path):
+        return reason
+    if exit_code is None:
+        return "(empty log)"
+    how = f"signal {-exit_code}" if exit_code < 0 else f"status {exit_code}"
+    return f"exited with {how} before writing its log"
 
 
 class LocalBackend:
