@@ -30,6 +30,9 @@ from ember.server.runners import Runner
 
 log = logging.getLogger("ember.server.batching")
 
+# Event-loop iterations a batch may wait for requests already arriving (see Batcher._settle).
+_SETTLE_ROUNDS = 4
+
 
 @dataclass(slots=True)
 class Result:
@@ -116,6 +119,7 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._seq = itertools.count()
         self._task: asyncio.Task[None] | None = None
+        self._last_count = 0  # requests in the last batch cut
 
     def __len__(self) -> int:
         """Requests waiting (answered ones still in the queue included until they leave)."""
@@ -236,6 +240,8 @@ class Batcher:
 
     async def _next_batch(self) -> list[_Item]:
         limit = (self._policy.max_batch_size or 1) + 1
+        if self._policy.max_batch_size and self._last_count > 1:
+            await self._settle(self._policy.max_batch_size)
         while True:
             head = self._head(limit)
             if not head:
@@ -244,12 +250,29 @@ class Batcher:
             cut = decide([i.pending for i in head], now, self._policy)
             if cut.count:
                 batch = head[: cut.count]
+                self._last_count = len(batch)
                 self._take(batch)
                 return batch
             self._arrived.clear()
             wait = max(0.0, (cut.wait_until or now) - now)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), wait)
+
+    async def _settle(self, limit: int) -> None:
+        """Let the event loop run the work that is already ready before a batch is cut.
+
+        When a batch of several requests ends, its callers are answered first and their next
+        requests are already in the sockets' buffers: cut at once and the batch holds only
+        those that arrived during the forward, and the clients split into two cohorts that
+        take turns, each forward half full (ember bench, mlp at c=32: 16 rows per forward).
+        A few loop iterations, no timer, gather them into one (32 rows; +20% rows/s on one
+        core). After a lone request nothing is waiting to arrive, so it costs nothing at
+        concurrency 1.
+        """
+        for _ in range(_SETTLE_ROUNDS):
+            if self._size >= limit:
+                return
+            await asyncio.sleep(0)
 
     async def _loop(self) -> None:
         while True:
@@ -273,18 +296,24 @@ class Batcher:
         rows = [i.pending.rows for i in batch]
 
         def done(result: Any, error: BaseException | None) -> None:
-            self._pool.release(instance)
-            if error is not None:
-                self._fail(batch, error)
-                return
-            parts, execution, started, ended = result
-            self._on_execution(execution)
-            total = execution.rows
-            for item, outputs in zip(batch, parts, strict=True):
-                if not item.future.done():
-                    item.future.set_result(
-                        Result(outputs, dispatched - item.pending.enqueued, started, ended, total)
-                    )
+            # The instance goes back after the futures are set: the callers then run before
+            # the dispatch loop, and their next requests can join the next batch (_settle).
+            try:
+                if error is not None:
+                    self._fail(batch, error)
+                    return
+                parts, execution, started, ended = result
+                self._on_execution(execution)
+                total = execution.rows
+                for item, outputs in zip(batch, parts, strict=True):
+                    if not item.future.done():
+                        item.future.set_result(
+                            Result(
+                                outputs, dispatched - item.pending.enqueued, started, ended, total
+                            )
+                        )
+            finally:
+                self._pool.release(instance)
 
         instance.submit(lambda runner: self._forward(runner, batch, rows), done)
 

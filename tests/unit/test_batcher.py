@@ -232,3 +232,31 @@ async def test_delay_holds_a_lone_request(make: Callable[..., Batcher]) -> None:
     result = await batcher.submit(rows(1))
     assert loop.time() - started >= 0.025
     assert result.queued >= 0.025
+
+
+async def test_callers_answered_by_a_batch_join_the_next_one(
+    make: Callable[..., Batcher], runner: FakeRunner
+) -> None:
+    """Closed-loop callers that send again as soon as they are answered: every batch after
+    the first holds all of them, not two cohorts taking turns with the instance."""
+    batcher = make(max_batch_size=8)
+    first = await hold(runner, batcher)
+
+    async def caller(index: int) -> None:
+        for turn in range(6):
+            result = await batcher.submit(rows(1, start=100 * index + turn))
+            np.testing.assert_array_equal(
+                result.outputs["y"], rows(1, start=100 * index + turn)["x"] * 2
+            )
+            # Replies go out one after another, so the next requests arrive over a few
+            # iterations of the loop.
+            for _ in range(1 + index % 3):
+                await asyncio.sleep(0)
+
+    callers = [asyncio.create_task(caller(i)) for i in range(8)]
+    await asyncio.sleep(0.01)
+    runner.gate.set()
+    await first
+    await asyncio.gather(*callers)
+    sizes = [b.shape[0] for b in runner.batches]
+    assert sizes == [1] + [8] * 6, sizes
