@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tomllib
@@ -166,6 +167,20 @@ class ModelConfig(_Strict):
     @property
     def request_outputs(self) -> list[TensorSpec]:
         return self.pipeline.outputs if self.pipeline else self.outputs
+
+    # By name, built once per config (it is frozen): validation looks up every request's
+    # tensors here.
+    @functools.cached_property
+    def request_input_specs(self) -> dict[str, TensorSpec]:
+        return {s.name: s for s in self.request_inputs}
+
+    @functools.cached_property
+    def request_output_specs(self) -> dict[str, TensorSpec]:
+        return {s.name: s for s in self.request_outputs}
+
+    @functools.cached_property
+    def required_inputs(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.request_inputs if not s.optional)
 
     @field_validator("name")
     @classmethod

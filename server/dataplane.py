@@ -164,7 +164,7 @@ class DataPlane:
         self, request: InferRequest, handle: ModelHandle, outputs: dict[str, np.ndarray]
     ) -> InferResponse:
         config = handle.config
-        declared = {s.name: s for s in config.request_outputs}
+        declared = config.request_output_specs
         wanted = (
             [o.name for o in request.outputs]
             if request.outputs

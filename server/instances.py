@@ -47,9 +47,15 @@ class Instance:
         )
         self._thread.start()
 
-    def submit(self, work: Callable[[Runner], Any], done: Done) -> None:
-        """Run `work(runner)` on the instance's thread; `done` is called on this event loop."""
-        self._jobs.put((work, done, asyncio.get_running_loop()))
+    def submit(
+        self,
+        work: Callable[[Runner], Any],
+        done: Done,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        """Run `work(runner)` on the instance's thread; `done` is called on `loop`, by default
+        the running one (a caller that has it saves get_running_loop's getpid())."""
+        self._jobs.put((work, done, loop or asyncio.get_running_loop()))
 
     async def run(self, work: Callable[[Runner], T]) -> T:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()

@@ -22,7 +22,7 @@ def validate(request: InferRequest, config: ModelConfig) -> dict[str, np.ndarray
     """The request's inputs by name, or InvalidInput saying which tensor and what was expected.
     A model with a pipeline is checked against the pipeline's inputs: those are what clients
     send."""
-    specs = {s.name: s for s in config.request_inputs}
+    specs = config.request_input_specs
     inputs: dict[str, np.ndarray] = {}
     for tensor in request.inputs:
         spec = specs.get(tensor.name)
@@ -49,11 +49,11 @@ def validate(request: InferRequest, config: ModelConfig) -> dict[str, np.ndarray
                 f"max_batch_size {config.max_batch_size}"
             )
         inputs[tensor.name] = tensor.data
-    missing = [s.name for s in config.request_inputs if not s.optional and s.name not in inputs]
+    missing = [name for name in config.required_inputs if name not in inputs]
     if missing:
         raise InvalidInput(f"missing required input(s) {missing} for model '{config.name}'")
     if request.outputs is not None:
-        declared = {s.name for s in config.request_outputs}
+        declared = config.request_output_specs
         for out in request.outputs:
             if out.name not in declared:
                 raise InvalidInput(

@@ -119,6 +119,9 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._seq = itertools.count()
         self._task: asyncio.Task[None] | None = None
+        # asyncio.get_running_loop() makes a getpid() system call each time (CPython's fork
+        # check): 5% of the event loop's samples when submit() called it per request.
+        self._event_loop: asyncio.AbstractEventLoop | None = None
         self._last_count = 0  # requests in the last batch cut
 
     def __len__(self) -> int:
@@ -136,6 +139,7 @@ class Batcher:
 
     def start(self) -> None:
         if self._task is None:
+            self._event_loop = asyncio.get_running_loop()
             self._task = asyncio.create_task(self._loop(), name=f"batcher-{self._config.name}")
 
     async def close(self) -> None:
@@ -188,7 +192,7 @@ class Batcher:
         first = next(iter(inputs.values()))
         rows = int(first.shape[0]) if self._policy.max_batch_size and first.ndim else 1
         pending = Pending(rows, now, merge.shape_key(inputs, self._padding))
-        loop = asyncio.get_running_loop()
+        loop = self._event_loop or asyncio.get_running_loop()
         item = _Item(
             inputs, pending, deadline, priority, merge.own_length(inputs, self._padding),
             loop.create_future(),
@@ -315,7 +319,7 @@ class Batcher:
             finally:
                 self._pool.release(instance)
 
-        instance.submit(lambda runner: self._forward(runner, batch, rows), done)
+        instance.submit(lambda runner: self._forward(runner, batch, rows), done, self._event_loop)
 
     def _fail(self, batch: list[_Item], exc: BaseException) -> None:
         error = exc

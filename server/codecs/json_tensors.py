@@ -26,12 +26,18 @@ def _accepts(datatype: str, kind: str) -> bool:
 
 
 def parse_shape(shape: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+    # type(d) is int, not isinstance: JSON true/false arrive as bool, a subclass of int.
+    if (
+        not isinstance(shape, list)
+        or not all(type(d) is int for d in shape)
+        or (shape and min(shape) < 0)
+    ):
         raise InvalidInput(
             f"{where}: 'shape' must be a list of non-negative integers, got {shown(shape)}"
         )
-    element_count(tuple(shape), where)
-    return tuple(shape)
+    dims = tuple(shape)
+    element_count(dims, where)
+    return dims
 
 
 def cast_floats(array: np.ndarray, dtype: np.dtype[Any], datatype: str, where: str) -> np.ndarray:

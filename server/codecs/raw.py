@@ -17,6 +17,12 @@ from ember.server.datatypes import NUMPY_DTYPES
 from ember.server.errors import InvalidInput
 
 _LENGTH = struct.Struct("<I")
+# The wire's byte order for each datatype, made once: dtype.newbyteorder() builds a new
+# dtype object on every call.
+_WIRE_DTYPES = {
+    name: dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype
+    for name, dtype in NUMPY_DTYPES.items()
+}
 
 # numpy 1.x arrays have at most 32 dimensions (2.x: 64); the lower limit holds for both.
 MAX_DIMS = 32
@@ -33,11 +39,14 @@ def element_count(shape: tuple[int, ...], where: str) -> int:
         raise InvalidInput(
             f"{where}: shape has {len(shape)} dimensions, at most {MAX_DIMS} are supported"
         )
-    if any(d < 0 for d in shape):
+    if shape and min(shape) < 0:
         raise InvalidInput(f"{where}: shape {list(shape)} has a negative dimension")
-    if math.prod(d for d in shape if d) * _WIDEST > _MAX_BYTES:
+    count = math.prod(shape)
+    # With no zero dimension the product of the non-zero ones is `count` itself.
+    sized = count if count else math.prod(d for d in shape if d)
+    if sized * _WIDEST > _MAX_BYTES:
         raise InvalidInput(f"{where}: shape {list(shape)} is too large")
-    return math.prod(shape)
+    return count
 
 
 def array_from_raw(
@@ -57,7 +66,7 @@ def array_from_raw(
         raise InvalidInput(
             f"{where}: {datatype} shape {list(shape)} needs {expected} bytes, got {len(buffer)}"
         )
-    array = np.frombuffer(buffer, dtype=dtype.newbyteorder("<") if dtype.itemsize > 1 else dtype)
+    array = np.frombuffer(buffer, dtype=_WIRE_DTYPES[datatype])
     if datatype == "BOOL" and array.size and array.view(np.uint8).max() > 1:
         raise InvalidInput(f"{where}: BOOL bytes must be 0 or 1")
     return array.reshape(shape)

@@ -84,7 +84,9 @@ def decode_tensor(item: Any, index: int, binary: _BinaryCursor | None = None) ->
         if not isinstance(datatype, str):
             raise InvalidInput(f"{where}: 'datatype' must be a string, got {shown(datatype)}")
         array = array_from_raw(chunk, datatype, shape, where)
-        params = {k: v for k, v in params.items() if k != "binary_data_size"}
+        params = (
+            {k: v for k, v in params.items() if k != "binary_data_size"} if len(params) > 1 else {}
+        )
         return Tensor(name=name, datatype=datatype, data=array, parameters=params)
     if "data" not in doc:
         if "binary_data_size" in params:

@@ -10,7 +10,7 @@ from ember.server.codecs.shown import shown
 from ember.server.errors import InvalidInput
 
 
-def parse_json(body: bytes) -> Any:
+def parse_json(body: bytes | memoryview) -> Any:
     if not body:
         raise InvalidInput("request body is empty; expected a JSON object")
     try:
@@ -35,7 +35,7 @@ def byte_count(value: str) -> int | None:
     return int(digits) if len(digits) <= _MAX_DIGITS else 10**_MAX_DIGITS
 
 
-def split_binary_body(body: bytes, header_length: str) -> tuple[bytes, memoryview]:
+def split_binary_body(body: bytes, header_length: str) -> tuple[memoryview, memoryview]:
     """Triton's binary extension: the first `header_length` bytes are JSON, the rest tensors."""
     size = byte_count(header_length)
     if size is None:
@@ -47,4 +47,4 @@ def split_binary_body(body: bytes, header_length: str) -> tuple[bytes, memoryvie
             f"Inference-Header-Content-Length {size} is larger than the body ({len(body)} bytes)"
         )
     view = memoryview(body)
-    return bytes(view[:size]), view[size:]
+    return view[:size], view[size:]

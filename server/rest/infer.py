@@ -13,7 +13,6 @@ import orjson
 from ember.server.codecs import v1, v2
 from ember.server.dataplane import DataPlane
 from ember.server.errors import EmberError, PayloadTooLarge
-from ember.server.request import InferRequest, InferResponse
 from ember.server.rest.body import BINARY_HEADER, byte_count, parse_json, split_binary_body
 from ember.server.rest.errors import HTTP_STATUS, RETRY_AFTER
 
@@ -127,55 +126,52 @@ class InferEndpoints:
         refused = self.admit(where)
         if refused is not None:
             return refused
-        return await self.answer_admitted(where, headers, read_body)
+        try:
+            body = await read_body()
+        except EmberError as exc:  # over the size limit
+            return self.refuse(where, exc)
+        except Disconnected:
+            return None
+        return await self.answer_admitted(where, headers, body)
 
-    async def answer_admitted(
-        self, where: Route, headers: Mapping[str, str], read_body: Callable[[], Awaitable[bytes]]
-    ) -> Reply | None:
-        """`answer` for a request its transport has already passed through `admit`.
+    async def answer_admitted(self, where: Route, headers: Mapping[str, str], body: bytes) -> Reply:
+        """`answer` for a request its transport has already passed through `admit` and whose
+        body it has read.
 
         Both HTTP transports (the ASGI front and the socket-level protocol) end here, so an
         error maps to one status and one body whichever way the request came in.
         """
         try:
             if where.protocol == "v2":
-                return await self.v2(where.model, where.version, headers, read_body)
-            return await self.v1(where.model, read_body)
+                return await self.v2(where.model, where.version, headers, body)
+            return await self.v1(where.model, body)
         except EmberError as exc:
             return error_reply(exc)
-        except Disconnected:
-            return None
         except Exception as exc:
             log.error("request failed", exc_info=exc, extra={"model": where.model})
             return Reply(orjson.dumps({"error": f"internal error: {type(exc).__name__}"}), 500)
 
-    async def _decode_and_infer(
-        self, model_name: str, protocol: str, decode: Callable[[], Awaitable[InferRequest]]
-    ) -> tuple[InferRequest, InferResponse]:
-        try:
-            request = await decode()
-        except EmberError as exc:
-            self._dataplane.reject(model_name, protocol, exc)
-            raise
-        return request, await self._dataplane.infer(request, protocol)
+    def _rejected(self, model_name: str, protocol: str, exc: EmberError) -> EmberError:
+        """Count a request that could not be decoded; the error, to raise."""
+        self._dataplane.reject(model_name, protocol, exc)
+        return exc
 
     async def v2(
-        self,
-        model_name: str,
-        version: str | None,
-        headers: Mapping[str, str],
-        read_body: Callable[[], Awaitable[bytes]],
+        self, model_name: str, version: str | None, headers: Mapping[str, str], body: bytes
     ) -> Reply:
-        async def decode() -> InferRequest:
-            body = await read_body()
+        # Decoding is synchronous: the body is all here, and every coroutine on this path
+        # costs its share of the event loop's time per request.
+        try:
             # tritonclient sends no Content-Type: binary requests are known by this header only.
             header_length = headers.get(BINARY_HEADER)
             if header_length is None:
-                return v2.decode_request(parse_json(body), model_name, version)
-            json_part, binary = split_binary_body(body, header_length)
-            return v2.decode_request(parse_json(json_part), model_name, version, binary)
-
-        request, response = await self._decode_and_infer(model_name, "v2", decode)
+                request = v2.decode_request(parse_json(body), model_name, version)
+            else:
+                json_part, binary = split_binary_body(body, header_length)
+                request = v2.decode_request(parse_json(json_part), model_name, version, binary)
+        except EmberError as exc:
+            raise self._rejected(model_name, "v2", exc) from None
+        response = await self._dataplane.infer(request, "v2")
         doc, blobs = v2.encode_response(response, v2.binary_outputs(request))
         header = orjson.dumps(doc, option=JSON_OPTIONS)
         if not blobs:
@@ -187,10 +183,11 @@ class InferEndpoints:
             tail=tuple(blobs),
         )
 
-    async def v1(self, model_name: str, read_body: Callable[[], Awaitable[bytes]]) -> Reply:
-        async def decode() -> InferRequest:
+    async def v1(self, model_name: str, body: bytes) -> Reply:
+        try:
             config = self._dataplane.model(model_name)
-            return v1.decode_request(parse_json(await read_body()), config)
-
-        _, response = await self._decode_and_infer(model_name, "v1", decode)
+            request = v1.decode_request(parse_json(body), config)
+        except EmberError as exc:
+            raise self._rejected(model_name, "v1", exc) from None
+        response = await self._dataplane.infer(request, "v1")
         return Reply(orjson.dumps(v1.encode_response(response), option=JSON_OPTIONS))

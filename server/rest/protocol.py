@@ -175,14 +175,9 @@ class InferProtocol(HeadLimited, HttpToolsProtocol):
     async def _answer(self, exchange: _Exchange) -> None:
         body = exchange.body()
         exchange.chunks = []
-
-        async def read_body() -> bytes:
-            return body
-
         # Admitted already, from the headers (on_headers_complete).
-        reply = await self._endpoints.answer_admitted(exchange.route, exchange.headers, read_body)
-        if reply is not None:
-            self._write(exchange, reply)
+        reply = await self._endpoints.answer_admitted(exchange.route, exchange.headers, body)
+        self._write(exchange, reply)
 
     def _refuse(self, exchange: _Exchange, reply: Reply) -> None:
         # The rest of the body is not read: answer now and close, as uvicorn does for a

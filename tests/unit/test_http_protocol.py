@@ -4,6 +4,7 @@ recording transport, with an ASGI app behind it that counts the requests it is g
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import orjson
@@ -168,3 +169,51 @@ async def test_the_route_cache_stays_bounded_under_a_scan_of_names(wired: Any) -
     assert all(a.startswith(b"404 ") for a in answers)
     assert len(app.front.routes) <= 1024
     assert app.paths == []  # every one refused from its headers
+
+
+async def test_answered_requests_leave_no_reference_cycles(wired: Any) -> None:
+    # The server raises the collector's threshold on this promise (serve._quiet_gc): what
+    # the request path allocates is freed by reference counting alone.
+    _, connect = wired
+    x = [0.25] * 784
+    json_body = orjson.dumps(
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 784], "data": x}]}
+    )
+    header = orjson.dumps(
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 784],
+                     "parameters": {"binary_data_size": 784 * 4}}],
+         "outputs": [{"name": "output", "parameters": {"binary_data": True}}]}
+    )  # fmt: skip
+    binary_body = header + bytes(784 * 4)
+    binary_head = b"Inference-Header-Content-Length: %d" % len(header)
+    # Refusals too: an error's traceback is where a cycle (frame -> exception -> traceback
+    # -> frame) would keep a request's body alive until the next collection.
+    wrong_shape = json_body.replace(b"[1,784]", b"[2,784]")
+    requests = [
+        (_post("/v2/models/mlp/infer", binary_body, binary_head), b"200 "),
+        (_post("/v2/models/mlp/infer", json_body), b"200 "),
+        (_post("/v2/models/mlp/infer", wrong_shape), b"400 "),
+        (_post("/v2/models/mlp/infer", b"{not json"), b"400 "),
+        (_post("/v2/models/nope/infer", json_body), b"404 "),
+        (_post("/v1/models/mlp:predict", orjson.dumps({"instances": [x]})), b"200 "),
+    ]
+
+    async def round_trip(connections: int) -> None:
+        pairs = [connect() for _ in range(connections)]
+        for i, (protocol, _) in enumerate(pairs):
+            protocol.data_received(requests[i % len(requests)][0])
+        for i, (_, transport) in enumerate(pairs):
+            [answer] = await _until(transport, 1)
+            assert answer.startswith(requests[i % len(requests)][1]), answer[:200]
+        for protocol, _ in pairs:
+            protocol.connection_lost(None)
+
+    await round_trip(len(requests))  # first-use caches fill here
+    gc.collect()
+    gc.disable()
+    try:
+        await round_trip(36)
+        found = gc.collect()
+    finally:
+        gc.enable()
+    assert found == 0
