@@ -111,8 +111,7 @@ class ActivatorApp:
 
                 async def call(replica: Replica, deadline: float, waited_ms: int | None) -> Reply:
                     request = encode_request(method, target, headers, body, client, replica.address)
-                    async with asyncio.timeout_at(deadline):
-                        answer = await self.client.send(replica.address, request)
+                    answer = await self.client.send(replica.address, request, deadline)
                     extra = [] if waited_ms is None else [(_COLD_HEADER, b"%d" % waited_ms)]
                     return Reply(answer.status, answer.headers + extra, answer.body)
 

@@ -78,6 +78,8 @@ def encode_request(
 class _Connection(asyncio.Protocol):
     """One keep-alive connection to a replica; one request at a time."""
 
+    _loop: asyncio.AbstractEventLoop  # set when connected
+
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
@@ -93,6 +95,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        # Kept for the exchanges: get_running_loop() makes a getpid() system call each time.
+        self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         self.received = True
@@ -147,15 +151,28 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    async def exchange(self, request: bytes) -> Answer:
+    async def exchange(self, request: bytes, deadline: float | None = None) -> Answer:
+        """Send `request` and wait for its answer; TimeoutError at `deadline` (the loop's
+        clock). One timer, not asyncio.timeout_at: that costs a task lookup and two
+        get_running_loop() calls per request."""
         assert self.transport is not None
         self.received = False
-        self.waiter = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        waiter: asyncio.Future[Answer] = loop.create_future()
+        self.waiter = waiter
+        timer = None if deadline is None else loop.call_at(deadline, self._expire, waiter)
         self.transport.write(request)
         try:
-            return await self.waiter
+            return await waiter
         finally:
             self.waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    @staticmethod
+    def _expire(waiter: asyncio.Future[Answer]) -> None:
+        if not waiter.done():
+            waiter.set_exception(TimeoutError())
 
     def close(self) -> None:
         self.keep_alive = False
@@ -170,23 +187,27 @@ class ReplicaClient:
         self.connect_timeout = connect_timeout
         self._idle: dict[str, list[_Connection]] = {}
 
-    async def send(self, address: str, request: bytes) -> Answer:
+    async def send(self, address: str, request: bytes, deadline: float | None = None) -> Answer:
         """One request to the replica at `address`. Raises ConnectFailed when nothing came
-        back (the request may be sent elsewhere), ConnectionError when the answer broke off;
-        the caller bounds the time taken."""
+        back (the request may be sent elsewhere), ConnectionError when the answer broke off,
+        TimeoutError at `deadline` (the loop's clock)."""
         connection = self._take(address)
         try:
             answer = None
             if connection is not None:
                 try:
-                    answer = await connection.exchange(request)
+                    answer = await connection.exchange(request, deadline)
                 except ConnectFailed:
                     # A kept connection the replica had just closed: one fresh connection more.
                     connection.close()
                     connection = None
             if answer is None:
-                connection = await self._connect(address)
-                answer = await connection.exchange(request)
+                if deadline is None:
+                    connection = await self._connect(address)
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        connection = await self._connect(address)
+                answer = await connection.exchange(request, deadline)
         except ConnectionError as exc:
             if connection is not None:
                 connection.close()

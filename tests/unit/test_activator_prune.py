@@ -64,3 +64,46 @@ async def test_a_channel_is_closed_only_when_gone_and_idle() -> None:
     assert sorted(proxy._channels) == ["c:2"]
     await proxy.close()
     await asyncio.sleep(0)
+
+
+async def test_an_answer_past_the_deadline_is_a_timeout_and_its_connection_is_dropped(
+    unused_tcp_port_factory: Any,
+) -> None:
+    port = unused_tcp_port_factory()
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query.get("s", "0")))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/", slow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    client = ReplicaClient(connect_timeout=2.0)
+    address = f"127.0.0.1:{port}"
+    loop = asyncio.get_running_loop()
+    try:
+        answer = await client.send(
+            address, b"GET /?s=0 HTTP/1.1\r\nHost: r\r\n\r\n", loop.time() + 5
+        )
+        assert answer.status == 200 and answer.body == b"ok"
+        [kept] = client._idle[address]
+        started = loop.time()
+        try:
+            await client.send(address, b"GET /?s=2 HTTP/1.1\r\nHost: r\r\n\r\n", started + 0.2)
+        except TimeoutError:
+            pass
+        else:
+            raise AssertionError("no TimeoutError")
+        assert 0.15 < loop.time() - started < 1.5
+        # Its answer may still come: the connection is not handed to the next request.
+        assert kept.closed or not kept.keep_alive
+        assert client._idle[address] == []
+        answer = await client.send(
+            address, b"GET /?s=0 HTTP/1.1\r\nHost: r\r\n\r\n", loop.time() + 5
+        )
+        assert answer.status == 200
+    finally:
+        client.close()
+        await runner.cleanup()
