@@ -162,12 +162,18 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
                 await done.put(RawStreamResponse(RawInferResponse(echo), exc.message))
 
         async def read() -> None:
-            async for request in requests:
-                task = asyncio.create_task(one(request))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-            await asyncio.gather(*pending)
-            await done.put(None)
+            # The end mark goes in however reading ends: when the stream breaks (a message
+            # that does not parse), the loop below stops waiting and `await reader`
+            # re-raises the break in the handler's own task, where rpc/server.py aborts the
+            # call with INVALID_ARGUMENT.
+            try:
+                async for request in requests:
+                    task = asyncio.create_task(one(request))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                await asyncio.gather(*pending)
+            finally:
+                done.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:

@@ -3,6 +3,7 @@ server on a free port, in process."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 
 import grpc
@@ -247,3 +248,32 @@ def test_hand_written_responses_parse_with_protobuf(size: int) -> None:
     )
     assert stream.error_message == "oops"
     assert list(stream.infer_response.raw_output_contents) == [payload, b"tail"]
+
+
+async def test_a_refused_call_leaves_no_request_bytes_in_cycles(
+    stub: service_pb2_grpc.GRPCInferenceServiceStub,
+) -> None:
+    # grpc keeps an aborted call's traceback in reference cycles; the server raises the
+    # collector's threshold (collector.py), so whatever those frames hold stays until a
+    # collection: it must not be the request.
+    wrong_shape = infer_request(model_name="mlp", raw_input_contents=[bytes(783 * 4)])
+    wrong_shape.inputs.append(tensor("input", "FP32", [1, 783]))  # type: ignore[arg-type]
+    unknown = infer_request(model_name="nope", raw_input_contents=[bytes(784 * 4)])
+    unknown.inputs.append(tensor("input", "FP32", [1, 784]))  # type: ignore[arg-type]
+    for request in (wrong_shape, unknown):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.ModelInfer(request)  # first-use caches fill here
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for request in (wrong_shape, unknown) * 5:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.ModelInfer(request)
+        gc.collect()
+        held = [o for o in gc.garbage if isinstance(o, (bytes, bytearray, memoryview, np.ndarray))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert sum(len(o) if not isinstance(o, np.ndarray) else o.nbytes for o in held) < 1024
