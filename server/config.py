@@ -6,8 +6,9 @@ import functools
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -129,6 +130,10 @@ class PipelineConfig(_Strict):
     workers: Annotated[int, Field(ge=1, le=64)] | None = None
 
 
+# ModelConfig's cached properties (see ModelConfig.model_copy).
+_CACHED_MAPS = ("request_input_specs", "request_output_specs", "required_inputs")
+
+
 class ModelConfig(_Strict):
     name: str
     format: Format
@@ -181,6 +186,14 @@ class ModelConfig(_Strict):
     @functools.cached_property
     def required_inputs(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.request_inputs if not s.optional)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        # pydantic copies the instance's __dict__, cached properties included: a copy with
+        # another pipeline or other inputs must not keep the original's maps.
+        copy = super().model_copy(update=update, deep=deep)
+        for cached in _CACHED_MAPS:
+            copy.__dict__.pop(cached, None)
+        return copy
 
     @field_validator("name")
     @classmethod

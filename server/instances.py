@@ -8,6 +8,7 @@ import contextlib
 import os
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -94,6 +95,11 @@ class Instance:
     def close(self) -> None:
         self._jobs.put(None)
 
+    def join(self, timeout: float) -> None:
+        """Wait up to `timeout` for the thread to end after `close` (it ends once the
+        forward it may be running returns)."""
+        self._thread.join(timeout)
+
 
 def _lower_priority(increment: int) -> None:
     """Add `increment` to this thread's nice value. Linux keeps one per thread; raising it
@@ -144,3 +150,9 @@ class InstancePool:
     def close(self) -> None:
         for instance in self.instances:
             instance.close()
+
+    def join(self, timeout: float) -> None:
+        """Wait, up to `timeout` in all, for every instance's thread to end after `close`."""
+        deadline = time.monotonic() + timeout
+        for instance in self.instances:
+            instance.join(max(0.0, deadline - time.monotonic()))

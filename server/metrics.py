@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-from collections.abc import Iterator, Sized
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -160,9 +160,9 @@ class PredictorMetrics:
             ["model_name"], registry=r,
         )  # fmt: skip
 
-    def watch_queue(self, name: str, queue: Sized) -> None:
+    def watch_queue(self, name: str, depth: Callable[[], int]) -> None:
         # Read at scrape time: nothing to update per request.
-        self.queue_depth.labels(name).set_function(lambda: len(queue))
+        self.queue_depth.labels(name).set_function(depth)
 
     def model(self, name: str) -> ModelMetrics:
         found = self._per_model.get(name)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from ember.server import loading
+from ember.server import collector, loading
 from ember.server.batching.batcher import Batcher, Execution, Result
 from ember.server.coldstart import LoadPhases
 from ember.server.config import ModelConfig
@@ -28,6 +27,9 @@ if TYPE_CHECKING:
     from ember.server.prefetch import Prefetch
 
 log = logging.getLogger("ember.server.repository")
+
+# How long an unload waits for the instance threads to end before it collects.
+_UNLOAD_JOIN_S = 5.0
 
 
 class Executor(Protocol):
@@ -101,6 +103,9 @@ class ModelHandle:
         if batcher is None or self.state is not ModelState.READY:
             raise ModelNotReady(self.name)
         return await batcher.submit(inputs, deadline, parameters)
+
+    def queued(self) -> int:
+        return len(self.batcher) if self.batcher is not None else 0
 
     def record(self, execution: Execution) -> None:
         self.stats.record_execution(
@@ -200,7 +205,9 @@ class ModelRepository:
                 batcher.start()
                 handle.batcher = batcher
             assert handle.batcher is not None
-            self._metrics.watch_queue(name, handle.batcher)
+            # Through the handle: a gauge holding the batcher would keep it (and its instances
+            # and weights) alive after an unload.
+            self._metrics.watch_queue(name, handle.queued)
             handle.state, handle.error = ModelState.READY, None
             self._metrics.model_load_seconds.labels(name).set(seconds)
             self._metrics.model_ready.labels(name).set(1)
@@ -223,14 +230,20 @@ class ModelRepository:
             handle.state = ModelState.UNAVAILABLE
             if handle.batcher is not None:
                 await handle.batcher.close()
-            if handle.pool is not None:
-                handle.pool.close()
+            pool = handle.pool
+            if pool is not None:
+                pool.close()
             if handle.chain is not None:
                 handle.chain.close()
             handle.batcher, handle.pool, handle.chain = None, None, None
+            if pool is not None:
+                # Each instance's thread holds its runner until it ends: let it end first
+                # (bounded: a forward still running keeps its thread).
+                await asyncio.to_thread(pool.join, _UNLOAD_JOIN_S)
+                del pool
             # Drop the last references now, so weights (and device memory) go back at once
             # rather than at some later collection.
-            gc.collect()
+            collector.collect_all()
             if device is not None and device.type == "cuda":
                 torch.cuda.empty_cache()
             self._metrics.model_ready.labels(name).set(0)

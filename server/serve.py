@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gc
 import logging
 import multiprocessing
 import os
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from ember.server import logs
+from ember.server import collector, logs
 from ember.server.coldstart import ColdStart, ProcessPhases
 from ember.server.config import ModelConfig, discover, load_model_config
 from ember.server.dataplane import DataPlane
@@ -169,7 +168,7 @@ async def serve(
                     ColdStart.of(handle.name, process, handle.phases, time.monotonic()), metrics
                 )
         if exit_code == 0 and not stop.is_set():
-            _quiet_gc()
+            collector.quiet()
             log.info(
                 "ready",
                 extra={
@@ -210,25 +209,6 @@ async def serve(
         logging.shutdown()
         os._exit(exit_code)
     return exit_code
-
-
-# The HTTP request path makes no reference cycles (a unit test holds it to that), so the
-# collector only ever finds the objects of requests still in flight. At the default
-# threshold of 700 it ran once per ~40 requests at c=32, with a full collection several
-# times a second over everything torch and the models left on the heap: about 7% of the
-# event loop's samples (py-spy). At 10,000 it runs once per several hundred requests, and
-# cycles made elsewhere (model code, gRPC) still go within a few hundred requests.
-_GC_YOUNG_THRESHOLD = 10_000
-
-
-def _quiet_gc() -> None:
-    """Once the models are loaded: move what startup left on the heap out of the collector's
-    sight (gc.freeze) and let the young generation grow larger before a collection. No
-    gc.collect() first: it takes 60 ms over torch's heap, on the way to ready, to free a few
-    dozen objects."""
-    gc.freeze()
-    _, older, oldest = gc.get_threshold()
-    gc.set_threshold(_GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def report_cold_start(cold: ColdStart, metrics: PredictorMetrics) -> None:

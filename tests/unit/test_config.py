@@ -119,3 +119,19 @@ def test_the_example_repository_is_valid() -> None:
     root = Path(__file__).resolve().parents[2] / "models"
     names = [c.name for c, _ in discover(root)]
     assert {"mlp", "identity"} <= set(names)
+
+
+def test_a_copy_does_not_keep_the_originals_cached_maps() -> None:
+    from ember.server.config import ModelConfig, TensorSpec
+
+    config = ModelConfig(
+        name="m", format="torchscript",
+        inputs=[TensorSpec(name="a", datatype="FP32", shape=[-1])],
+        outputs=[TensorSpec(name="y", datatype="FP32", shape=[-1])],
+    )  # fmt: skip
+    assert list(config.request_input_specs) == ["a"] and config.required_inputs == ("a",)
+    other = config.model_copy(
+        update={"inputs": [TensorSpec(name="b", datatype="FP32", shape=[-1], optional=True)]}
+    )
+    assert list(other.request_input_specs) == ["b"] and other.required_inputs == ()
+    assert list(config.request_input_specs) == ["a"]
