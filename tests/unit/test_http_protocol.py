@@ -172,7 +172,7 @@ async def test_the_route_cache_stays_bounded_under_a_scan_of_names(wired: Any) -
 
 
 async def test_answered_requests_leave_no_reference_cycles(wired: Any) -> None:
-    # The server raises the collector's threshold on this promise (serve._quiet_gc): what
+    # The server raises the collector's threshold on this promise (collector.quiet): what
     # the request path allocates is freed by reference counting alone.
     _, connect = wired
     x = [0.25] * 784
