@@ -130,10 +130,6 @@ class PipelineConfig(_Strict):
     workers: Annotated[int, Field(ge=1, le=64)] | None = None
 
 
-# ModelConfig's cached properties (see ModelConfig.model_copy).
-_CACHED_MAPS = ("request_input_specs", "request_output_specs", "required_inputs")
-
-
 class ModelConfig(_Strict):
     name: str
     format: Format
@@ -191,8 +187,9 @@ class ModelConfig(_Strict):
         # pydantic copies the instance's __dict__, cached properties included: a copy with
         # another pipeline or other inputs must not keep the original's maps.
         copy = super().model_copy(update=update, deep=deep)
-        for cached in _CACHED_MAPS:
-            copy.__dict__.pop(cached, None)
+        for name, attribute in vars(ModelConfig).items():
+            if isinstance(attribute, functools.cached_property):
+                copy.__dict__.pop(name, None)
         return copy
 
     @field_validator("name")

@@ -80,7 +80,7 @@ def _tensor(spec: TensorSpec, data: Any, where: str) -> Tensor:
 
 
 def _columns(rows: list[Any], config: ModelConfig) -> list[Tensor]:
-    specs = {s.name: s for s in config.request_inputs}
+    specs = config.request_input_specs
     if all(isinstance(r, dict) for r in rows) and not (
         "b64" not in specs and all(_is_b64(r) for r in rows)
     ):
@@ -115,7 +115,7 @@ def decode_request(body: Any, config: ModelConfig) -> InferRequest:
     elif "inputs" in body:
         columns = body["inputs"]
         if isinstance(columns, dict):
-            specs = {s.name: s for s in config.request_inputs}
+            specs = config.request_input_specs
             unknown = [k for k in columns if k not in specs]
             if unknown or not columns:
                 raise InvalidInput(

@@ -34,11 +34,8 @@ def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 
 class _StreamBroken(Exception):
-    """A stream's message did not parse: the stream ends with INVALID_ARGUMENT."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    """A stream's message did not parse: the stream ends with INVALID_ARGUMENT (the
+    exception's text is the status's details)."""
 
 
 def _malformed_message(handler_call_details: Any, request: _Malformed) -> str:
@@ -121,7 +118,7 @@ class _WireCodecs(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     async for response in stream(checked(), context):
                         yield response
                 except _StreamBroken as broken:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, broken.message)
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(broken))
 
             return handler._replace(request_deserializer=lenient, stream_stream=stream_stream)
         return handler

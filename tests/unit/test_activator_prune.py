@@ -15,6 +15,7 @@ from ember.activator.upstream import ReplicaClient
 
 async def _server(port: int) -> web.AppRunner:
     async def ok(request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query.get("s", "0")))  # ?s=seconds: a slow answer
         return web.Response(text="ok")
 
     app = web.Application()
@@ -70,16 +71,7 @@ async def test_an_answer_past_the_deadline_is_a_timeout_and_its_connection_is_dr
     unused_tcp_port_factory: Any,
 ) -> None:
     port = unused_tcp_port_factory()
-
-    async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(float(request.query.get("s", "0")))
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_get("/", slow)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner = await _server(port)
     client = ReplicaClient(connect_timeout=2.0)
     address = f"127.0.0.1:{port}"
     loop = asyncio.get_running_loop()
