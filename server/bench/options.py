@@ -62,6 +62,9 @@ class BenchOptions:
     retry_after_cap: float = DEFAULT_RETRY_AFTER_CAP
     queue_size: int | None = None  # --serve: the model's max_queue_size, in a copy of it
     plot: Path | None = None
+    # Whole measurements in a row (servers restarted, raw forwards after each), each target
+    # summarised over them: on a shared VM one pass's ratio is a sample, not a result.
+    repeat: int = 1
 
     @property
     def overload_concurrency(self) -> int | None:

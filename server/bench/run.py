@@ -1,6 +1,7 @@
 """One bench run, as a short sequence of steps: pin, serve, check each protocol, copy floor,
 load (with floors and an overload level), the same against a second server (`--compare`),
-raw forwards, report.
+raw forwards, report; `--repeat` runs that whole sequence again and judges each target on
+the median pass.
 
 CPU sharing (the bench was written on 2 cores): nothing here computes while something else
 is timed. The copy floor runs while the server is idle, before the load; during the load this
@@ -507,7 +508,9 @@ def _config(options: BenchOptions) -> dict[str, Any]:
     return config
 
 
-def _print_report(options: BenchOptions, measured: _Measured, out: TextIO) -> list[Any]:
+def _print_report(
+    options: BenchOptions, measured: _Measured, out: TextIO
+) -> list[report.Throughput]:
     rows, raw_stats = measured.rows, measured.raw
     print(
         f"\nember bench: model {options.model} over {', '.join(options.protocols)}, "
@@ -552,48 +555,90 @@ def _print_report(options: BenchOptions, measured: _Measured, out: TextIO) -> li
     return rates
 
 
+@dataclass(frozen=True, slots=True)
+class _Pass:
+    """One whole measurement and what was made of it."""
+
+    measured: _Measured
+    started: datetime.datetime
+    rates: list[report.Throughput]
+    checks: list[targets.Check]
+
+
+def _document(options: BenchOptions, done: _Pass) -> dict[str, Any]:
+    measured, checks = done.measured, done.checks
+    return report.document(
+        config=_config(options), machine=report.machine_info(measured.threads),
+        rows=measured.rows, raw=measured.raw, now=done.started, copy=measured.copy,
+        rates=done.rates, raw_rates=measured.raw_rates, overload=measured.overload,
+        servers=measured.servers, max_batch=measured.max_batch,
+        cold_start=None if measured.cold_start is None
+        else dataclasses.asdict(measured.cold_start),
+        checks=[{**dataclasses.asdict(c), "met": c.met} for c in checks],
+    )  # fmt: skip
+
+
+def _summary_document(summaries: Sequence[targets.Summary]) -> list[dict[str, Any]]:
+    return [
+        {**dataclasses.asdict(s.median), "met": s.median.met, "median": s.median.value,
+         "values": list(s.values), "passes": s.passes, "met_in": s.met_in}
+        for s in summaries
+    ]  # fmt: skip
+
+
 def execute(options: BenchOptions, out: TextIO = sys.stdout, log: TextIO = sys.stderr) -> int:
-    """Run the bench; 0 when every request succeeded, 1 when some failed, 2 when it could not."""
-    started = datetime.datetime.now(datetime.UTC)
+    """Run the bench (`--repeat` times); 0 when every request succeeded, 1 when some failed,
+    2 when it could not."""
     found = problems(options)
     for problem in found:
         print(f"ember bench: error: {problem}", file=log)
     if found:
         return 2
-    try:
-        measured = _measure(options, log)
-    except (BenchError, ConfigError, LoadError) as exc:
-        print(f"ember bench: error: {exc}", file=log)
-        return 2
-    rates = _print_report(options, measured, out)
-    checks = targets.evaluate(
-        measured.rows, measured.raw_rates, measured.overload, measured.max_batch,
-        cold_start=measured.cold_start,
-    )  # fmt: skip
-    if checks:
-        print("\n" + targets.format_checks(checks), file=out)
-    if options.json is not None:
-        doc = report.document(
-            config=_config(options), machine=report.machine_info(measured.threads),
-            rows=measured.rows, raw=measured.raw, now=started, copy=measured.copy, rates=rates,
-            raw_rates=measured.raw_rates, overload=measured.overload, servers=measured.servers,
-            max_batch=measured.max_batch,
-            cold_start=None if measured.cold_start is None
-            else dataclasses.asdict(measured.cold_start),
-            checks=[{**dataclasses.asdict(c), "met": c.met} for c in checks],
+    passes: list[_Pass] = []
+    for index in range(options.repeat):
+        if options.repeat > 1:
+            print(f"\n=== pass {index + 1} of {options.repeat} ===", file=out)
+            print(f"pass {index + 1} of {options.repeat}", file=log)
+        started = datetime.datetime.now(datetime.UTC)
+        try:
+            measured = _measure(options, log)
+        except (BenchError, ConfigError, LoadError) as exc:
+            print(f"ember bench: error: {exc}", file=log)
+            return 2
+        rates = _print_report(options, measured, out)
+        checks = targets.evaluate(
+            measured.rows, measured.raw_rates, measured.overload, measured.max_batch,
+            cold_start=measured.cold_start,
         )  # fmt: skip
+        if checks:
+            print("\n" + targets.format_checks(checks), file=out)
+        passes.append(_Pass(measured, started, rates, checks))
+    summaries = targets.summarize([p.checks for p in passes]) if options.repeat > 1 else []
+    if summaries:
+        print("\n" + targets.format_summary(summaries), file=out)
+    if options.json is not None:
+        doc: dict[str, Any] = _document(options, passes[0])
+        if options.repeat > 1:
+            doc = {
+                "config": doc["config"],
+                "passes": [_document(options, p) for p in passes],
+                "summary": _summary_document(summaries),
+            }
         Path(options.json).write_bytes(
             orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)
         )
+    last = passes[-1].measured
     if options.plot is not None:
         from ember.server.bench.plot import write_plot  # matplotlib only when asked for
 
         try:
-            write_plot(options.plot, measured.rows, measured.raw_rates, measured.overload,
+            write_plot(options.plot, last.rows, last.raw_rates, last.overload,
                        title=f"{options.model}: rows/s and p99 against concurrency")  # fmt: skip
         except BenchError as exc:
             print(f"ember bench: error: {exc}", file=log)
             return 2
-    failed = any(row.errors for row in measured.rows)
-    failed |= measured.overload is not None and measured.overload.errors > 0
+    failed = False
+    for done in passes:
+        failed |= any(row.errors for row in done.measured.rows)
+        failed |= done.measured.overload is not None and done.measured.overload.errors > 0
     return 1 if failed else 0

@@ -7,6 +7,7 @@ batch C, so a run at other levels says what it measured rather than nothing. Pur
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -129,13 +130,71 @@ def _activator_checks(items: Sequence[report.Level], cold_start: ColdStart | Non
     return checks
 
 
+def _verdict(check: Check) -> str:
+    return {True: "met", False: "NOT met", None: "not measured"}[check.met]
+
+
+def _target(check: Check) -> str:
+    sign = ">=" if check.at_least else ("<" if check.unit == "ms" else "<=")
+    return f"{sign} {_value(check.limit, check.unit)}"
+
+
 def format_checks(checks: Sequence[Check]) -> str:
     lines = ["targets (the issue's, at this run's levels):"]
     for check in checks:
-        verdict = {True: "met", False: "NOT met", None: "not measured"}[check.met]
-        sign = ">=" if check.at_least else ("<" if check.unit == "ms" else "<=")
         lines.append(
-            f"  {verdict:>12}  {check.name}: {_value(check.value, check.unit)} "
-            f"(target {sign} {_value(check.limit, check.unit)})"
+            f"  {_verdict(check):>12}  {check.name}: {_value(check.value, check.unit)} "
+            f"(target {_target(check)})"
+        )
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """One target over several passes of the same run: judged on the median pass."""
+
+    median: Check  # the target with the median of the measured values (None: never measured)
+    values: tuple[float, ...]  # every pass that measured it, in order
+    passes: int  # passes in the run
+    met_in: int  # passes in which it was met
+
+
+def summarize(passes: Sequence[Sequence[Check]]) -> list[Summary]:
+    """Each target named in any pass, in the order first seen. The verdict is the median's,
+    not any one pass's: on a shared host a ratio from one pass is a sample of the noise too."""
+    order: dict[str, Check] = {}
+    values: dict[str, list[float]] = {}
+    met_in: dict[str, int] = {}
+    for checks in passes:
+        for check in checks:
+            order.setdefault(check.name, check)
+            values.setdefault(check.name, [])
+            met_in.setdefault(check.name, 0)
+            if check.value is not None:
+                values[check.name].append(check.value)
+            met_in[check.name] += check.met is True
+    out = []
+    for name, first in order.items():
+        seen = values[name]
+        median = statistics.median(seen) if seen else None
+        out.append(Summary(
+            Check(name, median, first.limit, first.at_least, first.unit),
+            tuple(seen), len(passes), met_in[name],
+        ))  # fmt: skip
+    return out
+
+
+def format_summary(summaries: Sequence[Summary]) -> str:
+    passes = max((s.passes for s in summaries), default=0)
+    lines = [f"targets over {passes} passes (judged on the median; range and passes met):"]
+    for summary in summaries:
+        check = summary.median
+        spread = ""
+        if summary.values:
+            low, high = min(summary.values), max(summary.values)
+            spread = f", {_value(low, check.unit)} to {_value(high, check.unit)}"
+        lines.append(
+            f"  {_verdict(check):>12}  {check.name}: median {_value(check.value, check.unit)} "
+            f"(target {_target(check)}{spread}; met in {summary.met_in} of {summary.passes})"
         )
     return "\n".join(lines)

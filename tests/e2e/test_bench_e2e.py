@@ -178,3 +178,37 @@ def test_gpu_check_runs_on_the_cpu(tmp_path: Path) -> None:
     ]  # fmt: skip
     assert all(w["identical"] and w["size_bytes"] >= 64 << 20 for w in doc["weights"])
     assert "weights: 64 MiB of safetensors onto cpu" in done.stdout
+
+
+@pytest.mark.e2e
+def test_bench_repeat_measures_each_pass_and_summarises(tmp_path: Path) -> None:
+    """--repeat 2: two servers one after the other, each pass with its own raw forwards and
+    targets, and the targets judged on the median of the two."""
+    out = tmp_path / "bench.json"
+    argv = [ember(), "bench", "--serve", "--model", "mlp", "--concurrency", "2",
+            "--duration", "0.5", "--warmup", "0.2", "--floor-duration", "0",
+            "--raw-seconds", "0.3", "--repeat", "2", "--json", str(out)]  # fmt: skip
+    done = subprocess.run(
+        argv, cwd=ROOT, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "=== pass 1 of 2 ===" in done.stdout and "=== pass 2 of 2 ===" in done.stdout
+    assert "targets over 2 passes (judged on the median" in done.stdout
+
+    doc = json.loads(out.read_text())
+    passes = doc["passes"]
+    assert len(passes) == 2 and doc["config"]["repeat"] == 2
+    pids = [p["servers"][0]["pid"] for p in passes]
+    assert pids[0] != pids[1] and all(_gone(pid) for pid in pids)
+    for one in passes:
+        assert one["raw_forwards"] and all(r["rows_per_s"] > 0 for r in one["raw_forwards"])
+        (level,) = one["levels"]
+        assert level["errors"] == 0 and level["of_raw_at_concurrency"] > 0
+    by_name = {s["name"]: s for s in doc["summary"]}
+    share = by_name["v2-json c=2: rows/s of raw forward rows/s at batch 2"]
+    values = [t["value"] for p in passes for t in p["targets"] if t["name"] == share["name"]]
+    assert share["values"] == values and share["passes"] == 2
+    assert share["median"] == pytest.approx(sum(values) / 2)
+    assert share["met_in"] == sum(
+        t["met"] for p in passes for t in p["targets"] if t["name"] == share["name"]
+    )

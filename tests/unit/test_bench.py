@@ -291,6 +291,16 @@ def test_bad_arguments_exit(argv: list[str], capsys: pytest.CaptureFixture[str])
         parser.parse_args(["--model", "mlp", *argv])
 
 
+def test_repeat_passes() -> None:
+    assert parse("--model", "m").repeat == 1
+    assert parse("--model", "m", "--repeat", "5").repeat == 5
+    parser = argparse.ArgumentParser(prog="ember bench")
+    cli.add_bench_arguments(parser)
+    for bad in ("0", "-2", "two", "1.5"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--model", "m", "--repeat", bad])
+
+
 def test_floors_can_be_skipped() -> None:
     assert parse("--model", "m", "--floor-duration", "0").floor_seconds == 0.0
 
@@ -1232,6 +1242,40 @@ def test_targets_met_and_not_met() -> None:
         "overload v2-binary c=128: rejection (429) latency p99"
     ] is None
     assert targets.evaluate([], [], None, 64) == []
+
+
+def test_targets_summarised_over_passes_on_the_median() -> None:
+    share = "v2-json c=32: rows/s of raw forward rows/s at batch 32"
+    p99 = "v2-json c=32: p99 / p50"
+    rejected = "overload v2-binary c=128: rejection (429) latency p99"
+
+    def checks(of_raw: float, ratio: float, ms: float | None) -> list[targets.Check]:
+        return [
+            targets.Check(share, of_raw, 0.35, True, "share"),
+            targets.Check(p99, ratio, 3.0, False, "x"),
+            targets.Check(rejected, ms, 5.0, False, "ms"),
+        ]
+
+    passes = [checks(0.40, 1.5, 4.0), checks(0.30, 3.5, None), checks(0.34, 2.0, 6.0)]
+    summaries = {s.median.name: s for s in targets.summarize(passes)}
+    assert list(summaries) == [share, p99, rejected]
+    # One pass met the share, but the median (34%) does not: the verdict is the median's.
+    assert summaries[share].median.value == pytest.approx(0.34)
+    assert summaries[share].median.met is False and summaries[share].met_in == 1
+    assert summaries[p99].median.met is True and summaries[p99].met_in == 2
+    # A pass that did not measure a target is left out of its median, not counted as 0.
+    assert summaries[rejected].values == (4.0, 6.0) and summaries[rejected].passes == 3
+    assert summaries[rejected].median.value == pytest.approx(5.0)
+    assert summaries[rejected].median.met is False  # "< 5 ms"
+    text = targets.format_summary(list(summaries.values()))
+    assert text.startswith("targets over 3 passes")
+    assert (f"NOT met  {share}: median 34.0% (target >= 35.0%, 30.0% to 40.0%; met in 1 of 3)"
+            in text)  # fmt: skip
+    assert f"met  {p99}: median 2.00x (target <= 3.00x, 1.50x to 3.50x; met in 2 of 3)" in text
+    never = targets.summarize([[targets.Check(share, None, 0.35, True, "share")]])
+    assert never[0].median.met is None and never[0].values == ()
+    assert "not measured" in targets.format_summary(never)
+    assert targets.summarize([]) == []
 
 
 def test_client_headroom() -> None:
