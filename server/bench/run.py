@@ -452,12 +452,22 @@ def _one_server(
 
 
 def _measure(options: BenchOptions, log: TextIO) -> _Measured:
-    measured = _Measured()
     pinning = _pinning(options)
-    if pinning is not None:
-        cpus.pin_process(pinning.client)
-        print(f"server on CPU(s) {cpus.format_cpu_list(pinning.server)}, this bench on "
-              f"{cpus.format_cpu_list(pinning.client)}", file=log)  # fmt: skip
+    if pinning is None:
+        return _measure_on(options, pinning, log)
+    home = cpus.allowed_cpus()
+    cpus.pin_process(pinning.client)
+    print(f"server on CPU(s) {cpus.format_cpu_list(pinning.server)}, this bench on "
+          f"{cpus.format_cpu_list(pinning.client)}", file=log)  # fmt: skip
+    try:
+        return _measure_on(options, pinning, log)
+    finally:
+        # Back where it started, so the next pass (--repeat) can pin the server's CPUs again.
+        cpus.pin_process(home)
+
+
+def _measure_on(options: BenchOptions, pinning: _Pinning | None, log: TextIO) -> _Measured:
+    measured = _Measured()
     wanted = torch_threads(
         options.torch_threads, options.serve, os.cpu_count(),
         len(pinning.server) if pinning else None,

@@ -181,11 +181,14 @@ def test_gpu_check_runs_on_the_cpu(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pins the server to one CPU")
 def test_bench_repeat_measures_each_pass_and_summarises(tmp_path: Path) -> None:
-    """--repeat 2: two servers one after the other, each pass with its own raw forwards and
-    targets, and the targets judged on the median of the two."""
+    """--repeat 2: two pinned servers one after the other (the second pass pins again from
+    where the first started), each pass with its own raw forwards and targets, and the
+    targets judged on the median of the two."""
     out = tmp_path / "bench.json"
-    argv = [ember(), "bench", "--serve", "--model", "mlp", "--concurrency", "2",
+    argv = [ember(), "bench", "--serve", "--serve-cpus", "0", "--model", "mlp",
+            "--concurrency", "2",
             "--duration", "0.5", "--warmup", "0.2", "--floor-duration", "0",
             "--raw-seconds", "0.3", "--repeat", "2", "--json", str(out)]  # fmt: skip
     done = subprocess.run(
@@ -200,6 +203,7 @@ def test_bench_repeat_measures_each_pass_and_summarises(tmp_path: Path) -> None:
     assert len(passes) == 2 and doc["config"]["repeat"] == 2
     pids = [p["servers"][0]["pid"] for p in passes]
     assert pids[0] != pids[1] and all(_gone(pid) for pid in pids)
+    assert all(p["servers"][0]["cpus_allowed"] == "0" for p in passes)
     for one in passes:
         assert one["raw_forwards"] and all(r["rows_per_s"] > 0 for r in one["raw_forwards"])
         (level,) = one["levels"]
